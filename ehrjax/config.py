@@ -1,0 +1,90 @@
+"""The configuration schema: every key ehrjax reads, with its default.
+
+Files in `configs/` start from `base_config()` and override values; `ml_collections` rejects unknown keys
+given on the command line (`--config.data.row_len=256`). Model size presets follow the reference study.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# embed_dim / hidden_dim / num_layers / num_heads / mlp_dim (the reference study's intermediate size is
+# 2 x hidden for its presets).
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=16, hidden_dim=32, num_layers=2, num_heads=2, mlp_dim=64),
+    "small": dict(embed_dim=64, hidden_dim=128, num_layers=2, num_heads=4, mlp_dim=256),
+    "medium": dict(embed_dim=128, hidden_dim=256, num_layers=4, num_heads=8, mlp_dim=512),
+    "large": dict(embed_dim=256, hidden_dim=512, num_layers=6, num_heads=8, mlp_dim=1024),
+}
+
+
+def model_config(preset: str = "small") -> ml_collections.ConfigDict:
+    """BEHRT architecture settings for a size preset (`tiny`, `small`, `medium`, `large`)."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"model preset {preset!r} unknown; expected one of {sorted(MODEL_PRESETS)}")
+    m = ml_collections.ConfigDict()
+    m.preset = preset
+    m.update(MODEL_PRESETS[preset])
+    m.dropout = 0.1
+    m.attention_dropout = 0.1
+    m.max_visits = 512  # size of the visit-index position table
+    m.age_bucket_months = 12
+    m.max_age_months = 110 * 12
+    m.position = "sinusoidal"  # 'sinusoidal' (frozen) | 'learned'
+    m.scan_layers = False
+    m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
+    m.tie_mlm = False
+    m.attention_impl = "xla"  # passed to jax.nn.dot_product_attention: 'xla' | 'cudnn' | None
+    return m
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    lora = ml_collections.ConfigDict()
+    lora.rank = 8
+    lora.alpha = 16.0
+    lora.targets = ("q", "k", "v", "o")  # any of q, k, v, o, mlp_in, mlp_out
+    lora.dropout = 0.0
+    return lora
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key with its default; the CPU-sized cohort and the `small` preset."""
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+    c.output_dir = ""  # '' -> results/<name>-<timestamp>/
+
+    c.data = ml_collections.ConfigDict()
+    c.data.num_noise_codes = 1000
+    c.data.min_count = 1
+    c.data.batching = "pack"  # 'pack' | 'bucket' | 'pad_max'
+    c.data.max_len = 256  # truncation length in tokens, [CLS] and [SEP] included
+    c.data.row_len = 256  # pack: tokens per row
+    c.data.rows_per_batch = 32  # pack: rows per batch
+    c.data.slots_per_row = 16  # pack: patient (CLS / label) slots per row
+    c.data.tokens_per_batch = 8192  # bucket: tokens per batch, a multiple of every bucket length
+    c.data.batch_size = 32  # pad_max: patients per batch
+    c.data.mask_prob = 0.15
+    c.data.mlm_slot_factor = 1.5  # masked-position slots = factor x mask_prob x tokens per batch
+
+    c.pretrain = ml_collections.ConfigDict()
+    c.pretrain.num_patients = 20_000
+    c.pretrain.seed = 0
+
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.num_patients = 6_000
+    c.finetune.seed = 0
+    c.finetune.outcome = "heart_failure"
+
+    c.model = model_config("small")
+    c.lora = lora_config()
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.weight_decay = 0.01
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"  # 'cosine' | 'constant'
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    return c
