@@ -267,3 +267,24 @@ class Cohort:
         if self.labels.keys() != other.labels.keys():
             return False
         return all(np.array_equal(v, other.labels[k], equal_nan=v.dtype.kind == "f") for k, v in self.labels.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ehrjax.data.cohort FILE.npz`: print a saved cohort's summary."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ehrjax.data.cohort", description="Summarise a saved cohort.")
+    parser.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        cohort = Cohort.load(args.path)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(cohort.format_summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

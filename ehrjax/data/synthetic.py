@@ -411,7 +411,8 @@ def _outcome_task(
         + c["ckd_after_diabetes"] * ckd_after_dm
         + c["frequent_visits_6m"] * (recent_visits >= 3)
     )
-    p = 1.0 - np.exp(-np.exp(log_hazard) * OUTCOME_WINDOW_DAYS / DAYS_PER_YEAR)
+    # Capped below 1 so that every label stays uncertain and the conditional onset below is defined.
+    p = np.minimum(1.0 - np.exp(-np.exp(log_hazard) * OUTCOME_WINDOW_DAYS / DAYS_PER_YEAR), 0.95)
     label = rng.random(n) < p
     # Onset after the index date consistent with the label (exponential hazard, conditioned on the window).
     u = rng.random(n)

@@ -1,0 +1,212 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.sparse import csr_matrix
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from ehrjax.data.cohort import Cohort
+from ehrjax.data.synthetic import (
+    BLOCK_SIZE,
+    DISEASE_INDEX,
+    DISEASES,
+    assign_splits,
+    code_catalogue,
+    generate_cohort,
+)
+
+
+@pytest.fixture(scope="module")
+def pretrain():
+    return generate_cohort(40_000, seed=3, stream="pretrain")
+
+
+@pytest.fixture(scope="module")
+def finetune():
+    return generate_cohort(30_000, seed=3, stream="finetune")
+
+
+@given(
+    n=st.integers(1, 2 * BLOCK_SIZE + 50),
+    extra=st.integers(1, BLOCK_SIZE + 10),
+    seed=st.integers(0, 2**31 - 1),
+    stream=st.sampled_from(["pretrain", "finetune"]),
+)
+@settings(max_examples=12, deadline=None)
+def test_prefix_stability(n, extra, seed, stream):
+    small = generate_cohort(n, seed, stream)
+    large = generate_cohort(n + extra, seed, stream)
+    assert len(small) == n
+    assert large[:n].equals(small)  # records, ids, splits, labels, outcome_p
+
+
+def test_documented_prefix_example():
+    assert generate_cohort(5000, 0, "finetune")[:4718].equals(generate_cohort(4718, 0, "finetune"))
+
+
+def test_splits_come_from_a_hash_of_seed_and_id():
+    ids = np.arange(10**12, 10**12 + 50_000, dtype=np.int64)
+    split = assign_splits(ids, seed=7)
+    np.testing.assert_array_equal(assign_splits(ids[::-1], seed=7), split[::-1])  # not positional
+    np.testing.assert_array_equal(assign_splits(ids[1234:1300], seed=7), split[1234:1300])
+    fractions = np.bincount(split, minlength=3) / len(split)
+    np.testing.assert_allclose(fractions, [0.8, 0.1, 0.1], atol=0.01)
+    assert (assign_splits(ids, seed=8) != split).mean() > 0.2
+
+
+def test_same_seed_same_arrays_other_seed_differs():
+    a, b = generate_cohort(3000, 11, "pretrain"), generate_cohort(3000, 11, "pretrain")
+    assert a.equals(b)
+    c = generate_cohort(3000, 12, "pretrain")
+    assert not a.equals(c)
+    assert not np.array_equal(a.split, c.split)
+
+
+def test_streams_are_disjoint():
+    a, b = generate_cohort(2000, 0, "pretrain"), generate_cohort(2000, 0, "finetune")
+    assert not set(a.patient_id.tolist()) & set(b.patient_id.tolist())
+    assert a.codes[:200].tolist() != b.codes[:200].tolist()
+
+
+def test_records_are_well_formed(pretrain):
+    c = pretrain
+    patient = np.repeat(np.arange(len(c)), c.lengths)
+    same = patient[1:] == patient[:-1]
+    assert np.all(np.diff(c.time)[same] >= 0) and np.all(np.diff(c.age)[same] >= 0)
+    step = np.diff(c.visit)[same]
+    assert set(np.unique(step).tolist()) <= {0, 1}  # visit indices are contiguous
+    assert np.all(c.visit[c.offsets[:-1][c.lengths > 0]] == 0) and np.all(c.time[c.offsets[:-1]] == 0)
+    assert np.all(c.lengths > 0)  # every patient has at least one visit, every visit a code
+    age_years = c.age[c.offsets[1:] - 1] / 12
+    assert np.all(age_years <= 2025 - c.birth_year + 1)  # the last visit is before the extract date
+    assert set(c.code_names.tolist()) == set(code_catalogue(1000).tolist())
+
+
+def test_lengths_are_long_tailed(pretrain):
+    lengths = pretrain.lengths
+    assert np.median(lengths) < lengths.mean() < np.percentile(lengths, 90)
+    assert np.percentile(lengths, 99) > 5 * np.median(lengths)
+
+
+def test_disease_prevalences_match_the_table(pretrain):
+    onset = pretrain.labels["onset_age_months"]
+    end_age_years = 2025 - pretrain.birth_year
+    for k, disease in enumerate(DISEASES):
+        eligible = end_age_years >= disease.age_range[0]
+        got = (onset[eligible, k] >= 0).mean()
+        assert got == pytest.approx(disease.prevalence, rel=0.2), disease.name
+
+
+def test_comorbidity_links_are_visible(pretrain):
+    has = pretrain.labels["onset_age_months"] >= 0
+    for parent, child in [("type2_diabetes", "chronic_kidney_disease"), ("hypertension", "heart_failure")]:
+        p, c = has[:, DISEASE_INDEX[parent]], has[:, DISEASE_INDEX[child]]
+        assert c[p].mean() > 2.5 * c.mean(), (parent, child)
+
+
+def test_disease_codes_appear_only_after_onset(pretrain):
+    c = pretrain
+    names = c.code_names.tolist()
+    dx = names.index("ICD10:E11.9")
+    rows = np.flatnonzero(c.codes == dx)
+    patient = np.searchsorted(c.offsets, rows, side="right") - 1
+    onset = c.labels["onset_age_months"][patient, DISEASE_INDEX["type2_diabetes"]]
+    assert np.all(onset >= 0) and np.all(c.age[rows] >= onset)
+
+
+def test_outcome_task(finetune):
+    y, p = finetune.labels["outcome"], finetune.labels["outcome_p"]
+    eligible = y >= 0
+    assert 0.10 <= y[eligible].mean() <= 0.15
+    assert np.all(np.isnan(p[~eligible])) and np.all((p[eligible] > 0) & (p[eligible] < 1))
+    oracle = roc_auc_score(y[eligible], p[eligible])
+    print(f"\noracle AUROC {oracle:.3f} on {eligible.sum()} eligible patients")
+    assert 0.70 < oracle < 0.95
+    # History ends at the index visit; prevalent cases are not eligible.
+    index_visit = finetune.labels["index_visit"]
+    np.testing.assert_array_equal(finetune.num_visits[index_visit >= 0], index_visit[index_visit >= 0] + 1)
+    hf_codes = [finetune.code_names.tolist().index(code) for code in DISEASES[DISEASE_INDEX["heart_failure"]].diagnosis]
+    patient = np.repeat(np.arange(len(finetune)), finetune.lengths)
+    assert not np.isin(finetune.codes, hf_codes)[eligible[patient]].any()
+
+
+def test_next_visit_labels_are_diagnosis_codes(finetune):
+    labels, offsets = finetune.labels["next_visit"], finetune.labels["next_visit_offsets"]
+    assert offsets[-1] == len(labels) > 0
+    assert all(name.startswith("ICD10:") for name in np.unique(finetune.code_names[labels]))
+    no_index = finetune.labels["index_visit"] < 0
+    assert np.all(np.diff(offsets)[no_index] == 0)
+
+
+def test_bag_of_codes_logistic_regression_is_below_the_oracle(finetune):
+    c = finetune
+    y, p = c.labels["outcome"], c.labels["outcome_p"]
+    patient = np.repeat(np.arange(len(c)), c.lengths)
+    x = csr_matrix((np.ones(c.num_tokens), (patient, c.codes)), shape=(len(c), len(c.code_names)))
+    x.data = np.log1p(x.data)
+    train, test = (y >= 0) & c.split_mask("train"), (y >= 0) & c.split_mask("test")
+    model = LogisticRegression(C=0.1, max_iter=2000).fit(x[train], y[train])
+    lr_auc = roc_auc_score(y[test], model.predict_proba(x[test])[:, 1])
+    oracle = roc_auc_score(y[test], p[test])
+    print(f"\nbag-of-codes LR AUROC {lr_auc:.3f} vs oracle {oracle:.3f} (test split)")
+    assert lr_auc > 0.6 and oracle - lr_auc > 0.04
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_patients=0), "num_patients must be a positive integer"),
+        (dict(num_patients=-5), "num_patients must be a positive integer"),
+        (dict(num_patients=10, stream="other"), "stream 'other' unknown"),
+        (dict(num_patients=10, num_noise_codes=0), "num_noise_codes"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_cohort(**kwargs)
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "ehrjax.data.synthetic", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_writes_a_cohort_and_prints_its_summary(tmp_path):
+    out = tmp_path / "cohort.npz"
+    result = run_cli("--num-patients", "500", "--seed", "4", "--stream", "finetune", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "patients 500" in result.stdout and "outcome:" in result.stdout
+    assert Cohort.load(out).equals(generate_cohort(500, 4, "finetune"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-patients", "0"], "num_patients must be a positive integer"),
+        (["--num-patients", "5", "--stream", "bogus"], "stream 'bogus' unknown"),
+        (["--num-patients", "5", "--out", "/nonexistent-dir/c.npz"], "does not exist"),
+        (["--num-patients", "5", "--out", "cohort.txt"], "ending in .npz"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "c.npz")]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cohort_cli_reports_a_corrupt_file(tmp_path):
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"\x00garbage")
+    result = subprocess.run(
+        [sys.executable, "-m", "ehrjax.data.cohort", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "broken.npz: not a readable .npz" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
