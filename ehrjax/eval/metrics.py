@@ -1,0 +1,90 @@
+"""Evaluation metrics on host arrays, computed with scikit-learn.
+
+Binary outcome: AUROC, average precision (AP) and PR-AUC (trapezoidal area under the PR curve).
+Multi-label next visit: APS and AUROC with `average='samples'` as in the BEHRT paper; rows with no positive
+(or no negative) label have no defined per-sample score and are left out (their number is reported).
+MLM: loss, top-1/top-10 accuracy, and the reference study's macro one-vs-rest ROC-AUC, AP and PR-AUC over the
+codes that appear among the masked labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """labels: {0,1}[n]; scores: float[n] (probabilities or logits). NaN metrics if one class is absent."""
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64)
+    out = {"n": float(len(labels)), "prevalence": float(labels.mean()) if len(labels) else float("nan")}
+    if len(np.unique(labels)) < 2:
+        return {**out, "auroc": float("nan"), "ap": float("nan"), "pr_auc": float("nan")}
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    return {
+        **out,
+        "auroc": float(roc_auc_score(labels, scores)),
+        "ap": float(average_precision_score(labels, scores)),
+        "pr_auc": float(auc(recall, precision)),
+    }
+
+
+def multilabel_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """labels: {0,1}[n, C]; scores: float[n, C]. Sample-averaged APS and AUROC over rows where defined."""
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=np.float64)
+    positives = labels.sum(axis=1)
+    aps_rows = positives > 0
+    auc_rows = aps_rows & (positives < labels.shape[1])
+    out = {"n": float(len(labels)), "rows_without_positive": float((~aps_rows).sum())}
+    out["aps"] = (
+        float(average_precision_score(labels[aps_rows], scores[aps_rows], average="samples"))
+        if aps_rows.any()
+        else float("nan")
+    )
+    out["auroc"] = (
+        float(roc_auc_score(labels[auc_rows], scores[auc_rows], average="samples")) if auc_rows.any() else float("nan")
+    )
+    return out
+
+
+def mlm_metrics(labels: np.ndarray, logits: np.ndarray, max_codes: int | None = 200) -> dict[str, float]:
+    """labels: int[n] masked-code ids; logits: float[n, V] at those positions.
+
+    Macro one-vs-rest ROC-AUC / AP / PR-AUC are averaged over the (at most `max_codes` most frequent) codes
+    present among the labels, each scored by its own logit column.
+    """
+    labels = np.asarray(labels)
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    top10 = np.argsort(-logits, axis=1)[:, :10]
+    out = {
+        "n": float(len(labels)),
+        "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "top1": float((top10[:, 0] == labels).mean()),
+        "top10": float((top10 == labels[:, None]).any(axis=1).mean()),
+    }
+    codes, counts = np.unique(labels, return_counts=True)
+    codes = codes[np.argsort(-counts, kind="stable")][:max_codes]
+    per_code = [binary_metrics(labels == code, log_probs[:, code]) for code in codes if (labels != code).any()]
+    for key in ("auroc", "ap", "pr_auc"):
+        values = [m[key] for m in per_code if np.isfinite(m[key])]
+        out[f"macro_{key}"] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
+def bootstrap_ci(
+    labels: np.ndarray, scores: np.ndarray, metric: str = "auroc", n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile bootstrap interval of a binary metric over patients."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        value = binary_metrics(labels[idx], scores[idx])[metric]
+        if np.isfinite(value):
+            values.append(value)
+    if not values:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return float(lo), float(hi)
