@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.rows_per_batch = 32  # pack: rows per batch
     c.data.slots_per_row = 16  # pack: patient (CLS / label) slots per row
     c.data.tokens_per_batch = 8192  # bucket: tokens per batch, a multiple of every bucket length
+    c.data.bucket_min_len = 16  # bucket: shortest bucket (a power of two); buckets double up to max_len
     c.data.batch_size = 32  # pad_max: patients per batch
     c.data.mask_prob = 0.15
     c.data.mlm_slot_factor = 1.5  # masked-position slots = factor x mask_prob x tokens per batch
@@ -75,6 +76,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.num_patients = 6_000
     c.finetune.seed = 0
     c.finetune.outcome = "heart_failure"
+
+    c.task = "mlm"  # 'mlm' | 'outcome' | 'next_visit'
+    c.arm = "scratch"  # 'scratch' | 'mlm_lora' | 'med2vec_lora' | 'mlm_full' (what is trainable, DESIGN §7)
+    c.init_from = ""  # a checkpoint directory of a pre-training run to start from
+    c.resume = ""  # a run directory to continue (its config must match)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 10
+    c.train.patience = 3  # epochs without improvement of the validation metric before stopping
+    c.train.metric = ""  # '' -> 'loss' for mlm (minimised), 'auroc' for outcome, 'aps' for next_visit
+    c.train.checkpoint_every = 200  # steps between 'latest' checkpoints (and at every epoch end)
+    c.train.log_every = 50  # steps between host syncs for logging
+    c.train.max_eval_patients = 2000  # validation patients scored per evaluation (MLM: held-out patients)
+    c.train.tensorboard = False
+    c.train.progress = True
+    c.train.num_devices = 0  # 0 -> all local devices on the 'data' mesh axis
 
     c.model = model_config("small")
     c.lora = lora_config()

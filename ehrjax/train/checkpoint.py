@@ -1,0 +1,127 @@
+"""Orbax checkpoints of a run: `latest` (every N steps, for resume) and `best` (by validation metric).
+
+Each checkpoint holds two items: `state` (parameters, optimiser state, step — arrays) and `meta` (JSON: epoch,
+early-stopping state, metric history, the run's config). Saves are asynchronous and commit atomically, so a
+run killed mid-save resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+# Config keys that fix the shapes of a checkpoint's arrays: a resume or init with other values is refused.
+SHAPE_KEYS = ("model", "lora", "data.num_noise_codes")
+
+
+class RunCheckpoints:
+    """The `latest` and `best` checkpoint managers of one run directory."""
+
+    def __init__(self, directory: str | os.PathLike, *, best_mode: str = "max"):
+        self.directory = Path(directory).absolute()
+        common = dict(enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
+        self._latest = ocp.CheckpointManager(
+            self.directory / "latest",
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, **common),
+            item_names=("state", "meta"),
+        )
+        self._best = ocp.CheckpointManager(
+            self.directory / "best",
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, **common),
+            item_names=("state", "meta"),
+        )
+
+    @staticmethod
+    def _args(state: Any, meta: dict[str, Any]) -> ocp.args.Composite:
+        return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+    def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._latest.save(step, args=self._args(state, meta), force=True)
+
+    def save_best(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._best.save(step, args=self._args(state, meta), force=True)
+
+    def latest_step(self) -> int | None:
+        return self._latest.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._best.latest_step()
+
+    def restore(self, abstract_state: Any, *, which: str = "latest", step: int | None = None) -> tuple[Any, dict]:
+        """(state, meta) of checkpoint `step` (default: the newest) of `which` ('latest' | 'best')."""
+        manager = self._latest if which == "latest" else self._best
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"checkpoint directory {self.directory / which}: no complete checkpoint")
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+        )
+        return restored.state, dict(restored.meta)
+
+    def wait(self) -> None:
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()
+
+
+def read_meta(directory: str | os.PathLike, which: str = "latest") -> dict[str, Any]:
+    """The `meta` item of the newest complete checkpoint under `directory/which`, without the arrays."""
+    root = Path(directory) / which
+    steps = sorted((int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "meta").is_dir()), reverse=True)
+    for step in steps:
+        for candidate in (root / str(step) / "meta").glob("*"):
+            if candidate.is_file() and candidate.name != "_CHECKPOINT_METADATA":
+                try:
+                    return json.loads(candidate.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+    raise ValueError(f"checkpoint directory {root}: no complete checkpoint")
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = SHAPE_KEYS) -> list[str]:
+    """The dotted config keys among `keys` whose values differ between two config dicts."""
+
+    def get(tree: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+        return tree
+
+    def flatten(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                out.update(flatten(v, f"{prefix}.{k}"))
+            return out
+        return {prefix: list(value) if isinstance(value, tuple) else value}
+
+    diffs = []
+    for key in keys:
+        a, b = flatten(get(saved, key), key), flatten(get(current, key), key)
+        diffs.extend(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    return diffs
+
+
+def check_writable(directory: str | os.PathLike, min_free_bytes: int = 50 * 2**20) -> None:
+    """Fail before training if the run directory cannot be created/written or its disk is nearly full."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output directory {path}: not writable ({err.strerror or err})") from err
+    free = shutil.disk_usage(path).free
+    if free < min_free_bytes:
+        raise ValueError(
+            f"output directory {path}: only {free / 2**20:.0f} MiB free, need {min_free_bytes / 2**20:.0f}"
+        )
