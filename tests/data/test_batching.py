@@ -1,0 +1,369 @@
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ehrjax.config import base_config
+from ehrjax.data.batching import (
+    DeviceBatcher,
+    batch_at,
+    bucket_lengths,
+    format_padding_report,
+    next_visit_label_space,
+    next_visit_labels,
+    outcome_labels,
+    pack_rows,
+    padding_report,
+    to_device,
+)
+from ehrjax.data.cohort import Cohort
+from ehrjax.data.tokenize import TokenizedCorpus, tokenize
+from ehrjax.data.vocab import CLS, Vocab
+
+CODE_NAMES = np.asarray([f"ICD10:D{i:02d}" for i in range(20)] + [f"RX:r{i}" for i in range(10)])
+VOCAB = Vocab(list(CODE_NAMES))
+
+
+def random_cohort(seed: int, n: int, mean_codes: float = 6.0) -> Cohort:
+    """n patients with lognormal numbers of codes spread over random visits."""
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(rng.lognormal(np.log(mean_codes), 0.9, n).astype(np.int64), 60)
+    lengths[rng.random(n) < 0.1] = 0
+    total = int(lengths.sum())
+    new_visit = rng.random(total) < 0.35
+    new_visit[np.cumsum(lengths)[lengths > 0] - lengths[lengths > 0]] = True
+    count = np.concatenate([[0], np.cumsum(new_visit)])
+    visit = count[1:] - np.repeat(count[np.cumsum(lengths) - lengths], lengths) - 1
+    age = (300 + 6 * visit).astype(np.int32)
+    return Cohort(
+        codes=rng.integers(0, len(CODE_NAMES), total).astype(np.int32),
+        visit=visit.astype(np.int32),
+        age=age,
+        time=age,
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        patient_id=np.arange(n, dtype=np.int64),
+        sex=np.zeros(n, dtype=np.int8),
+        birth_year=np.full(n, 1960, dtype=np.int16),
+        split=(np.arange(n) % 3).astype(np.int8),
+        code_names=CODE_NAMES,
+    )
+
+
+def corpus_from_lengths(lengths: np.ndarray, max_len: int, seed: int = 0) -> TokenizedCorpus:
+    """A corpus with the given token lengths and random contents (for planning tests)."""
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    codes = rng.integers(5, 100, offsets[-1]).astype(np.int32)
+    codes[offsets[:-1]] = CLS
+    ages = rng.integers(0, 1200, offsets[-1]).astype(np.int32)
+    visits = rng.integers(0, 20, offsets[-1]).astype(np.int32)
+    return TokenizedCorpus(codes=codes, ages=ages, visits=visits, offsets=offsets, max_len=max_len)
+
+
+def lognormal_lengths(n: int, max_len: int, seed: int = 0) -> np.ndarray:
+    """Long-tailed lengths: mean about 25 tokens, p99 about 150."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(2.744, 0.975, n).round(), 3, max_len).astype(np.int64)
+
+
+def check_epoch(batcher: DeviceBatcher, corpus: TokenizedCorpus, plan) -> list[int]:
+    """Fetch every batch of `plan`, check each row against the corpus and return the patients in order."""
+    seen: list[int] = []
+    for batch in batcher.iterate(plan):
+        b = jax.device_get(batch)
+        rows, row_len = b["codes"].shape
+        expected = {k: np.zeros((rows, row_len), np.int32) for k in ("codes", "ages", "visits", "segment_ids")}
+        for r in range(rows):
+            pos = 0
+            for s, p in enumerate(b["patient_index"][r]):
+                if p < 0:
+                    assert not b["slot_mask"][r, s:].any() and (b["patient_index"][r, s:] == -1).all()
+                    assert (b["cls_index"][r, s:] == 0).all()
+                    break
+                assert b["slot_mask"][r, s] and b["cls_index"][r, s] == pos
+                tokens = corpus.patient(int(p))
+                n = len(tokens["codes"])
+                assert tokens["codes"][0] == CLS
+                for key in ("codes", "ages", "visits"):
+                    expected[key][r, pos : pos + n] = tokens[key]
+                expected["segment_ids"][r, pos : pos + n] = s + 1
+                pos += n
+                seen.append(int(p))
+            assert pos <= row_len
+        for key, value in expected.items():
+            np.testing.assert_array_equal(b[key], value, err_msg=key)
+        assert b["num_real_tokens"] == (b["segment_ids"] > 0).sum()
+    return seen
+
+
+def make_batcher(corpus, mode, **kw) -> DeviceBatcher:
+    defaults = dict(
+        row_len=corpus.max_len, rows_per_batch=2, slots_per_row=4, tokens_per_batch=64, batch_size=3, bucket_min_len=4
+    )
+    defaults.update(kw)
+    return DeviceBatcher(corpus, mode=mode, **defaults)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=200),
+    row_len=st.sampled_from([40, 48, 64, 100]),
+    slots=st.integers(1, 12),
+)
+def test_pack_rows_is_a_valid_packing(lengths, row_len, slots):
+    lengths = np.asarray(lengths)
+    row, slot, start, num_rows = pack_rows(lengths, row_len, slots)
+    assert row.min() == 0 and row.max() == num_rows - 1 and len(np.unique(row)) == num_rows
+    np.testing.assert_array_less(np.bincount(row, weights=lengths), row_len + 1)
+    assert np.bincount(row).max() <= slots
+    for r in range(num_rows):
+        members = np.flatnonzero(row == r)
+        members = members[np.argsort(slot[members])]
+        assert slot[members].tolist() == list(range(len(members)))
+        # Slots are back to back from position 0.
+        assert start[members].tolist() == np.concatenate([[0], np.cumsum(lengths[members])[:-1]]).tolist()
+    assert num_rows >= -(-lengths.sum() // row_len)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 40),
+    mode=st.sampled_from(["pack", "bucket", "pad_max"]),
+    max_len=st.sampled_from([8, 16]),
+    wide=st.booleans(),
+    subset=st.booleans(),
+    epoch=st.integers(0, 3),
+)
+def test_every_patient_exactly_once_and_reconstructed(seed, n, mode, max_len, wide, subset, epoch):
+    corpus = tokenize(random_cohort(seed, n), VOCAB, max_len)
+    patients = np.arange(n)
+    if subset and n > 1:
+        patients = np.random.default_rng(seed).permutation(n)[: n // 2 + 1]
+    batcher = make_batcher(corpus, mode, row_len=max_len * (2 if wide else 1), seed=seed, patients=patients)
+    plan = batcher.plan_epoch(epoch)
+    assert plan.num_batches == batcher.num_batches
+    seen = check_epoch(batcher, corpus, plan)
+    assert sorted(seen) == sorted(patients.tolist())  # no drops, no duplicates, the last batch included
+    assert len(plan.groups) == len(batcher.shapes)
+    assert sum(g.num_batches for g in plan.groups) == plan.num_batches
+
+
+def test_epoch_order_is_seeded_and_reproducible():
+    corpus = tokenize(random_cohort(0, 300), VOCAB, 16)
+    for mode in ("pack", "bucket", "pad_max"):
+        batcher = make_batcher(corpus, mode, row_len=32, seed=5)
+
+        def order(b: DeviceBatcher, epoch: int, shuffle: bool = True) -> list[int]:
+            plan = b.plan_epoch(epoch, shuffle=shuffle)
+            out = []
+            for g, j in plan.order:
+                out += np.asarray(plan.groups[g].patient_index[j]).ravel().tolist()
+            return [p for p in out if p >= 0]
+
+        first = order(batcher, 0)
+        assert sorted(first) == list(range(300))
+        assert order(batcher, 0) == first
+        assert order(make_batcher(corpus, mode, row_len=32, seed=5), 0) == first
+        assert order(batcher, 1) != first
+        assert order(make_batcher(corpus, mode, row_len=32, seed=6), 0) != first
+        assert order(batcher, 0, shuffle=False) == order(batcher, 7, shuffle=False)
+
+
+def test_packing_efficiency_on_long_tailed_lengths():
+    data = base_config().data
+    reports = {}
+    for row_len in (128, 256):
+        corpus = corpus_from_lengths(lognormal_lengths(100_000, row_len), row_len)
+        data.max_len = data.row_len = row_len
+        report = padding_report(corpus, data)
+        reports[row_len] = report
+        assert report["pack"]["efficiency"] >= 0.90
+        assert report["bucket"]["efficiency"] >= 0.70
+        assert report["pad_max"]["efficiency"] < report["bucket"]["efficiency"] < report["pack"]["efficiency"]
+        assert report["pack"]["distinct_shapes"] == 1
+        assert report["bucket"]["distinct_shapes"] <= 6
+        assert report["pad_max"]["distinct_shapes"] == 1
+        text = format_padding_report(report)
+        assert "pack" in text and "bucket" in text and "pad_max" in text
+    assert np.isclose(np.mean(lognormal_lengths(20_000, 10_000)), 25, atol=2)
+
+
+def test_planning_100k_patients_is_fast():
+    corpus = corpus_from_lengths(lognormal_lengths(100_000, 256), 256)
+    t0 = time.perf_counter()
+    batcher = DeviceBatcher(corpus, mode="pack", row_len=256, rows_per_batch=32, slots_per_row=16)
+    batcher.plan_epoch(3)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_batch_at_under_jit_with_a_traced_index():
+    corpus = tokenize(random_cohort(1, 120), VOCAB, 16)
+    for mode in ("pack", "pad_max"):
+        batcher = make_batcher(corpus, mode, row_len=32)
+        plan = batcher.plan_epoch(0)
+
+        @jax.jit
+        def epoch(plan):
+            def body(acc, i):
+                batch = batch_at(plan, i)
+                return acc + batch["num_real_tokens"], batch["patient_index"]
+
+            return jax.lax.scan(body, jnp.int32(0), jnp.arange(plan.num_batches))
+
+        total, patient_index = epoch(plan)
+        assert int(total) == corpus.num_tokens
+        eager = np.stack([np.asarray(batcher.batch(plan, k)["patient_index"]) for k in range(plan.num_batches)])
+        np.testing.assert_array_equal(patient_index, eager)
+
+
+def test_bucket_plan_needs_a_concrete_index():
+    corpus = tokenize(random_cohort(2, 60), VOCAB, 16)
+    batcher = make_batcher(corpus, "bucket")
+    plan = batcher.plan_epoch(0)
+    assert len(plan.groups) > 1
+    assert batch_at(plan, 0)["codes"].shape == batcher.batch(plan, 0)["codes"].shape
+    with pytest.raises(ValueError, match="concrete batch index"):
+        jax.jit(batch_at)(plan, 0)
+    group = plan.groups[0]
+    assert jax.jit(batch_at)(group, group.num_batches - 1)["codes"].shape == (64 // group.row_len, group.row_len)
+
+
+def test_bucket_lengths():
+    assert bucket_lengths(512, 16) == (16, 32, 64, 128, 256, 512)
+    assert bucket_lengths(256) == (8, 16, 32, 64, 128, 256)
+    assert bucket_lengths(100, 16) == (16, 32, 64, 128)
+    assert bucket_lengths(8, 16) == (16,)
+
+
+def labelled_cohort() -> Cohort:
+    cohort = random_cohort(3, 6)
+    next_codes = [[0, 21], [], [1, 1, 2], [25], [3], [0]]  # code indices; 20.. are RX codes
+    labels = {
+        "outcome": np.asarray([1, 0, -1, 1, 0, -1], dtype=np.int8),
+        "next_visit": np.asarray([c for codes in next_codes for c in codes], dtype=np.int32),
+        "next_visit_offsets": np.concatenate([[0], np.cumsum([len(c) for c in next_codes])]).astype(np.int64),
+    }
+    return Cohort(**{**cohort.__dict__, "labels": labels})
+
+
+def test_task_labels_are_gathered_per_slot():
+    cohort = labelled_cohort()
+    corpus = tokenize(cohort, VOCAB, 16)
+    y, eligible = outcome_labels(cohort)
+    assert y.tolist() == [1, 0, 0, 1, 0, 0] and eligible.tolist() == [True, True, False, True, True, False]
+    space = next_visit_label_space(VOCAB)
+    assert len(space) == 20 and all(VOCAB.code(int(i)).startswith("ICD10:") for i in space)
+    multi_hot, has_next = next_visit_labels(cohort, VOCAB, space)
+    assert multi_hot.shape == (6, 20) and multi_hot.dtype == np.float32
+    assert multi_hot.sum(axis=1).tolist() == [1, 0, 2, 0, 1, 1]  # RX codes are outside the label space
+    assert has_next.tolist() == [True, False, True, False, True, True]
+    for labels in (y, multi_hot):
+        batcher = make_batcher(corpus, "pack", row_len=32, labels=labels, patients=np.flatnonzero(eligible))
+        for batch in batcher.iterate(batcher.plan_epoch(0)):
+            index = np.asarray(batch["patient_index"])
+            got = np.asarray(batch["labels"])
+            assert got.dtype == np.float32 and got.shape == index.shape + labels.shape[1:]
+            np.testing.assert_array_equal(got[index >= 0], labels[index[index >= 0]])
+            assert (got[index < 0] == 0).all()
+
+
+def test_bad_input_names_the_key():
+    corpus = tokenize(random_cohort(4, 30), VOCAB, 16)
+    cases = [
+        (dict(mode="pack", row_len=8), "data.row_len"),
+        (dict(mode="pack", slots_per_row=0), "data.slots_per_row"),
+        (dict(mode="pack", rows_per_batch=0), "data.rows_per_batch"),
+        (dict(mode="bucket", tokens_per_batch=40), "data.tokens_per_batch"),
+        (dict(mode="bucket", bucket_min_len=3), "data.bucket_min_len"),
+        (dict(mode="pad_max", batch_size=0), "data.batch_size"),
+        (dict(mode="sorted"), "data.batching"),
+        (dict(mode="pack", patients=np.asarray([], dtype=np.int64)), "patients"),
+        (dict(mode="pack", patients=np.asarray([0, 0])), "patients"),
+        (dict(mode="pack", patients=np.asarray([30])), "patients"),
+        (dict(mode="pack", labels=np.zeros(3)), "labels"),
+    ]
+    for kw, key in cases:
+        mode = kw.pop("mode")
+        with pytest.raises(ValueError, match=re.escape(key)):
+            make_batcher(corpus, mode, **kw)
+    data = base_config().data
+    with pytest.raises(ValueError, match=r"data\.max_len"):
+        DeviceBatcher.from_config(data, corpus, seed=0)
+    with pytest.raises(ValueError, match="outcome"):
+        outcome_labels(random_cohort(0, 3))
+
+
+def test_from_config_and_a_shared_device_corpus():
+    data = base_config().data
+    data.max_len, data.row_len, data.rows_per_batch, data.slots_per_row = 16, 32, 4, 8
+    cohort = random_cohort(5, 90)
+    corpus = tokenize(cohort, VOCAB, data.max_len)
+    shared = to_device(corpus)
+    seen = []
+    for split in ("train", "val", "test"):
+        patients = np.flatnonzero(cohort.split_mask(split))
+        batcher = DeviceBatcher.from_config(data, corpus, seed=0, patients=patients, device_corpus=shared)
+        assert batcher.corpus is shared and batcher.mode == "pack"
+        seen += check_epoch(batcher, corpus, batcher.plan_epoch(0, shuffle=False))
+    assert sorted(seen) == list(range(90))
+
+
+SHARDED_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from test_batching import VOCAB, random_cohort
+    from ehrjax.data.batching import DeviceBatcher
+    from ehrjax.data.tokenize import tokenize
+
+    assert jax.device_count() == 4
+    mesh = jax.make_mesh((4,), ("data",))
+    corpus = tokenize(random_cohort(7, 200), VOCAB, 16)
+    labels = np.arange(200, dtype=np.float32)
+    kw = dict(row_len=32, rows_per_batch=8, slots_per_row=4, tokens_per_batch=128, batch_size=8,
+              bucket_min_len=4, labels=labels, seed=3)
+    for mode in ("pack", "bucket", "pad_max"):
+        sharded = DeviceBatcher(corpus, mode=mode, mesh=mesh, **kw)
+        single = DeviceBatcher(corpus, mode=mode, **kw)
+        plan_s, plan_1 = sharded.plan_epoch(2), single.plan_epoch(2)
+        for k in range(plan_s.num_batches):
+            a, b = sharded.batch(plan_s, k), single.batch(plan_1, k)
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
+            codes = a["codes"]
+            assert len(codes.sharding.device_set) == 4, codes.sharding
+            assert codes.sharding.spec[0] == "data", codes.sharding.spec
+            assert {s.data.shape[0] for s in codes.addressable_shards} == {codes.shape[0] // 4}
+    try:
+        DeviceBatcher(corpus, mode="pack", mesh=mesh, **{**kw, "rows_per_batch": 6})
+    except ValueError as err:
+        assert "data.rows_per_batch" in str(err) and "4 devices" in str(err), err
+    else:
+        raise AssertionError("rows not divisible by devices must fail")
+    print("SHARDED OK")
+    """
+)
+
+
+def test_sharded_batches_match_unsharded():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT, here], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SHARDED OK" in result.stdout
