@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.rows_per_batch = 32  # pack: rows per batch
     c.data.slots_per_row = 16  # pack: patient (CLS / label) slots per row
     c.data.tokens_per_batch = 8192  # bucket: tokens per batch, a multiple of every bucket length
-    c.data.bucket_min_len = 16  # bucket: shortest bucket (a power of two); buckets double up to max_len
+    c.data.bucket_min_len = 8  # bucket: shortest bucket (a power of two); buckets double up to max_len
     c.data.batch_size = 32  # pad_max: patients per batch
     c.data.mask_prob = 0.15
     c.data.mlm_slot_factor = 1.5  # masked-position slots = factor x mask_prob x tokens per batch
