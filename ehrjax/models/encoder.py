@@ -1,0 +1,166 @@
+"""Pre-LN transformer encoder with a block-diagonal (per-patient) attention mask.
+
+Layers live at `encoder/layers/<i>/...` (a list) or, with `model.scan_layers`, once at `encoder/layers/...`
+with a leading layer axis on every parameter, applied by `nnx.scan` so compile time does not grow with
+depth. `stack_layers` / `unstack_layers` convert a parameter state between the two layouts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from ehrjax.models.lora import LoRADense
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """segment_ids: int32[batch, seq] (0 = padding) -> bool[batch, 1, seq, seq].
+
+    A token attends to the tokens of its own segment (patient). Padding forms a segment of its own, so
+    padding queries have a non-empty row (no NaN) while real tokens never see padding.
+    """
+    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+
+
+def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
+    """`num` independent keys from `key`, or `num` Nones in deterministic mode."""
+    if key is None:
+        return [None] * num
+    return list(jax.random.split(key, num))
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention. x: f[batch, seq, hidden], mask: bool[batch, 1, seq, seq]."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        hidden = cfg.hidden_dim
+        self.num_heads = cfg.num_heads
+        self.head_dim = hidden // cfg.num_heads
+        self.implementation = cfg.attention_impl
+        self.q = LoRADense(hidden, hidden, target="q", dtype=dtype, rngs=rngs)
+        self.k = LoRADense(hidden, hidden, target="k", dtype=dtype, rngs=rngs)
+        self.v = LoRADense(hidden, hidden, target="v", dtype=dtype, rngs=rngs)
+        self.o = LoRADense(hidden, hidden, target="o", dtype=dtype, rngs=rngs)
+        self.attn_dropout = nnx.Dropout(cfg.attention_dropout)
+
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, *, deterministic: bool = True, rngs: jax.Array | None = None
+    ) -> jax.Array:
+        batch, seq, _ = x.shape
+        kq, kk, kv, ko, kp = split_key(rngs, 5)
+        heads = (batch, seq, self.num_heads, self.head_dim)
+        q = self.q(x, deterministic=deterministic, rngs=kq).reshape(heads)
+        k = self.k(x, deterministic=deterministic, rngs=kk).reshape(heads)
+        v = self.v(x, deterministic=deterministic, rngs=kv).reshape(heads)
+        if deterministic or self.attn_dropout.rate == 0.0:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        else:
+            out = self._attention_with_dropout(q, k, v, mask, kp)
+        return self.o(out.reshape(batch, seq, -1), deterministic=deterministic, rngs=ko)
+
+    def _attention_with_dropout(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, key: jax.Array
+    ) -> jax.Array:
+        """The XLA attention with dropout on the probabilities (jax.nn.dot_product_attention has none)."""
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = self.attn_dropout(probs, deterministic=False, rngs=key).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class EncoderLayer(nnx.Module):
+    """x + Attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP. x: f[batch, seq, hidden]."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        hidden = cfg.hidden_dim
+        self.attn_norm = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(cfg, dtype=dtype, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs)
+        self.mlp_in = LoRADense(hidden, cfg.mlp_dim, target="mlp_in", dtype=dtype, rngs=rngs)
+        self.mlp_out = LoRADense(cfg.mlp_dim, hidden, target="mlp_out", dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, *, deterministic: bool = True, rngs: jax.Array | None = None
+    ) -> jax.Array:
+        k_attn, k_res1, k_in, k_out, k_res2 = split_key(rngs, 5)
+        h = self.attn(self.attn_norm(x), mask, deterministic=deterministic, rngs=k_attn)
+        x = x + self.dropout(h, deterministic=deterministic, rngs=k_res1)
+        h = self.mlp_in(self.mlp_norm(x), deterministic=deterministic, rngs=k_in)
+        h = jax.nn.gelu(h, approximate=False)
+        h = self.mlp_out(h, deterministic=deterministic, rngs=k_out)
+        return x + self.dropout(h, deterministic=deterministic, rngs=k_res2)
+
+
+class Encoder(nnx.Module):
+    """`num_layers` pre-LN layers and a final LayerNorm. x: f[batch, seq, hidden] -> same shape."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.num_layers = cfg.num_layers
+        self.scan_layers = bool(cfg.scan_layers)
+        if self.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs: nnx.Rngs) -> EncoderLayer:
+                return EncoderLayer(cfg, dtype=dtype, rngs=rngs)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = nnx.LayerNorm(cfg.hidden_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, mask: jax.Array, *, deterministic: bool = True, rngs: jax.Array | None = None
+    ) -> jax.Array:
+        if self.scan_layers:
+            keys = None if rngs is None else jax.random.split(rngs, self.num_layers)
+
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+            def body(x: jax.Array, layer: EncoderLayer, key: jax.Array | None) -> jax.Array:
+                return layer(x, mask, deterministic=deterministic, rngs=key)
+
+            x = body(x, self.layers, keys)
+        else:
+            for layer, key in zip(self.layers, split_key(rngs, self.num_layers), strict=True):
+                x = layer(x, mask, deterministic=deterministic, rngs=key)
+        return self.final_norm(x)
+
+
+def _layers_prefix(path: tuple) -> bool:
+    return len(path) >= 2 and path[0] == "encoder" and path[1] == "layers"
+
+
+def stack_layers(state: nnx.State) -> nnx.State:
+    """Convert a state from the list layout (`encoder/layers/<i>/...`) to the scan layout (stacked)."""
+    groups: dict[tuple, dict[int, nnx.Variable]] = defaultdict(dict)
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        if _layers_prefix(path):
+            groups[path[3:]][int(path[2])] = var
+        else:
+            out.append((path, var))
+    for rest, per_layer in groups.items():
+        if sorted(per_layer) != list(range(len(per_layer))):
+            raise ValueError(f"encoder/layers/*/{'/'.join(map(str, rest))}: layers {sorted(per_layer)} not 0..n-1")
+        values = [per_layer[i][...] for i in range(len(per_layer))]
+        out.append((("encoder", "layers", *rest), per_layer[0].replace(jnp.stack(values))))
+    return nnx.from_flat_state(out)
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+    """Convert a state from the scan layout (leading layer axis) to the list layout."""
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        if _layers_prefix(path):
+            value = var[...]
+            out.extend(((*path[:2], i, *path[2:]), var.replace(value[i])) for i in range(value.shape[0]))
+        else:
+            out.append((path, var))
+    return nnx.from_flat_state(out)

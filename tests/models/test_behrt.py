@@ -1,0 +1,181 @@
+"""BEHRT forward: packing and padding invariance, scan layout, dtypes, dropout, heads, the pure apply path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from behrt_inputs import INPUTS, PATIENT_A, PATIENT_B, PATIENT_C, VOCAB_SIZE, encode, forward, pack_rows, random_batch
+from flax import nnx
+
+from ehrjax.models import Behrt, attention_mask, classify_apply, mlm_apply, stack_layers, unstack_layers
+
+
+def test_attention_mask_is_block_diagonal_and_padding_rows_are_not_empty():
+    seg = jnp.array([[1, 1, 2, 2, 2, 0, 0]])
+    mask = np.asarray(attention_mask(seg))[0, 0]
+    assert mask.shape == (7, 7)
+    assert mask[0, 1] and not mask[0, 2] and not mask[1, 5]
+    assert mask[2:5, 2:5].all() and not mask[2:5, :2].any()
+    assert mask.any(axis=-1).all()  # every query, padding included, attends to something
+
+
+def test_shapes_dtypes_and_finite_padding(tiny_cfg):
+    model = Behrt(tiny_cfg, VOCAB_SIZE, num_labels=3, rngs=nnx.Rngs(0))
+    batch, cls_index, _ = pack_rows([[PATIENT_A, PATIENT_B], [PATIENT_C]], row_len=24)
+    hidden, logits, cls_logits = forward(model, batch, jnp.array([[1, 2, 3], [4, 5, 0]]), cls_index)
+    assert hidden.shape == (2, 24, tiny_cfg.hidden_dim)
+    assert bool(jnp.isfinite(hidden).all())
+    assert logits.shape == (2, 3, VOCAB_SIZE) and logits.dtype == jnp.float32
+    assert cls_logits.shape == (2, 2, 3) and cls_logits.dtype == jnp.float32
+
+
+def test_packing_equivalence(tiny_cfg):
+    """Two patients packed in one row give the same per-patient outputs as each alone in a padded row."""
+    model = Behrt(tiny_cfg, VOCAB_SIZE, num_labels=2, rngs=nnx.Rngs(1))
+    packed, packed_cls, packed_spans = pack_rows([[PATIENT_A, PATIENT_B]], row_len=24)
+    alone, alone_cls, alone_spans = pack_rows([[PATIENT_A], [PATIENT_B]], row_len=24)
+    h_packed, _, c_packed = forward(model, packed, cls_index=packed_cls)
+    h_alone, _, c_alone = forward(model, alone, cls_index=alone_cls)
+    for s in range(2):
+        start, stop = packed_spans[0][s]
+        a_start, a_stop = alone_spans[s][0]
+        np.testing.assert_allclose(h_packed[0, start:stop], h_alone[s, a_start:a_stop], atol=1e-5)
+    np.testing.assert_allclose(c_packed[0], c_alone[:, 0], atol=1e-5)  # [2 slots] vs [2 rows]
+
+
+def test_padding_invariance(tiny_cfg):
+    model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(2))
+    short, _, spans = pack_rows([[PATIENT_A, PATIENT_C]], row_len=24)
+    long, _, _ = pack_rows([[PATIENT_A, PATIENT_C]], row_len=32)
+    stop = spans[0][-1][1]
+    positions = jnp.array([[1, 5, 12]])
+    h_short, mlm_short, _ = forward(model, short, positions)
+    h_long, mlm_long, _ = forward(model, long, positions)
+    np.testing.assert_allclose(h_short[:, :stop], h_long[:, :stop], atol=1e-5)
+    np.testing.assert_allclose(mlm_short, mlm_long, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned"])
+def test_scan_layers_matches_layer_list(tiny_cfg, position):
+    tiny_cfg.position = position
+    model = Behrt(tiny_cfg, VOCAB_SIZE, num_labels=1, rngs=nnx.Rngs(3))
+    tiny_cfg.scan_layers = True
+    scanned = Behrt(tiny_cfg, VOCAB_SIZE, num_labels=1, rngs=nnx.Rngs(4))
+    params = nnx.state(model, nnx.Param)
+    stacked = stack_layers(params)
+    assert stacked["encoder"]["layers"]["attn"]["q"]["kernel"].shape == (tiny_cfg.num_layers, 32, 32)
+    nnx.update(scanned, stacked)
+    batch = random_batch(0, batch=2, seq=24)
+    np.testing.assert_allclose(encode(model, batch), encode(scanned, batch), atol=1e-5)
+    round_trip = unstack_layers(nnx.state(scanned, nnx.Param))
+    for (p1, v1), (p2, v2) in zip(nnx.to_flat_state(params), nnx.to_flat_state(round_trip), strict=True):
+        assert p1 == p2
+        np.testing.assert_array_equal(v1[...], v2[...])
+
+
+def test_scan_layers_dropout_runs_and_is_keyed(tiny_cfg):
+    tiny_cfg.scan_layers = True
+    model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(0))
+    batch = random_batch(1, batch=2, seq=24)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(
+        lambda state, key: nnx.merge(graphdef, state).encode(*(batch[k] for k in INPUTS), deterministic=False, rngs=key)
+    )
+    a, b, c = (run(state, jax.random.key(i)) for i in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_dropout_needs_rngs_and_accepts_nnx_rngs(tiny_cfg):
+    model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(0))
+    batch = random_batch(2, batch=2, seq=24)
+    args = [batch[k] for k in INPUTS]
+    with pytest.raises(ValueError, match="needs rngs"):
+        model.encode(*args, deterministic=False)
+    run = nnx.jit(lambda model, rngs: model.encode(*args, deterministic=False, rngs=rngs))
+    a, b = run(model, nnx.Rngs(dropout=7)), run(model, nnx.Rngs(dropout=7))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, encode(model, batch))
+
+
+def test_attention_dropout_path_matches_fused_path_without_dropout(tiny_cfg):
+    """The explicit attention used for attention dropout equals jax.nn.dot_product_attention at rate 0."""
+    model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(5))
+    attn = model.encoder.layers[0].attn
+    seg = jnp.array([[1] * 4 + [2] * 4 + [0] * 2, [1] * 7 + [0] * 3])
+    mask = attention_mask(seg)
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 10, 2, 16)) for i in range(3))
+    fused = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    attn.attn_dropout.rate = 0.0
+    explicit = attn._attention_with_dropout(q, k, v, mask, jax.random.key(0))
+    np.testing.assert_allclose(fused, explicit, atol=1e-5)
+
+
+def test_bfloat16_compute_close_to_float32(tiny_cfg):
+    model = Behrt(tiny_cfg, VOCAB_SIZE, num_labels=2, rngs=nnx.Rngs(6))
+    tiny_cfg.dtype = "bfloat16"
+    model_bf16 = Behrt(tiny_cfg, VOCAB_SIZE, num_labels=2, rngs=nnx.Rngs(6))
+    for (_, v32), (_, v16) in zip(
+        nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(model_bf16, nnx.Param)), strict=True
+    ):
+        assert v16.dtype == jnp.float32  # params stay float32
+        np.testing.assert_array_equal(v32[...], v16[...])  # same seed, same weights
+    batch = random_batch(3, batch=2, seq=24)
+    positions, cls_index = jnp.array([[0, 3, 9], [2, 4, 11]]), jnp.array([[0, 12], [0, 12]])
+    h32, l32, c32 = forward(model, batch, positions, cls_index)
+    h16, l16, c16 = forward(model_bf16, batch, positions, cls_index)
+    assert h16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(h16.astype(jnp.float32), h32, atol=0.1, rtol=0.05)
+    assert l16.dtype == jnp.float32 and c16.dtype == jnp.float32
+    np.testing.assert_allclose(l16, l32, atol=0.1, rtol=0.05)
+    np.testing.assert_allclose(c16, c32, atol=0.1, rtol=0.05)
+
+
+def test_mlm_logits_gather_then_project(tiny_cfg):
+    model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(7))
+    positions = jnp.array([[3, 0, 7], [15, 1, 1]])
+    hidden, logits, _ = forward(model, random_batch(4, batch=2, seq=24), positions)
+    full = model.mlm_head(hidden)  # every position, for reference
+    expected = jnp.take_along_axis(full, positions[..., None], axis=1)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_tied_mlm_head_uses_the_code_table(tiny_cfg):
+    tiny_cfg.tie_mlm = True
+    model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(8))
+    params = nnx.state(model, nnx.Param)
+    head = params["mlm_head"]
+    assert "decoder" not in head and head["bias"].shape == (VOCAB_SIZE,)
+    assert head["dense"]["kernel"].shape == (tiny_cfg.hidden_dim, tiny_cfg.embed_dim)
+    batch, positions = random_batch(5, batch=2, seq=24), jnp.array([[1, 2], [3, 4]])
+    hidden, before, _ = forward(model, batch, positions)
+    model.embeddings.code.embedding[...] = model.embeddings.code.embedding[...] * 2.0
+    assert not np.allclose(before, model.mlm_logits(hidden, positions))
+
+
+def test_pure_apply_under_jit_matches_module_calls(tiny_cfg):
+    model = Behrt(tiny_cfg, VOCAB_SIZE, num_labels=1, rngs=nnx.Rngs(9))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    assert len(jax.tree.leaves(rest)) == 0  # no RNG or other mutable state in the model
+    batch, cls_index, _ = pack_rows([[PATIENT_A, PATIENT_B]], row_len=24)
+    positions = jnp.array([[1, 2, 12]])
+
+    @jax.jit
+    def both(params, rest, batch):
+        mlm = mlm_apply(graphdef, params, rest, batch, positions)
+        return mlm, classify_apply(graphdef, params, rest, batch, cls_index)
+
+    mlm, cls = both(params, rest, batch)
+    _, expected_mlm, expected_cls = forward(model, batch, positions, cls_index)
+    np.testing.assert_allclose(mlm, expected_mlm, atol=1e-5)
+    np.testing.assert_allclose(cls, expected_cls, atol=1e-5)
+
+
+def test_ages_and_visits_beyond_tables_are_clipped(tiny_cfg):
+    model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(10))
+    batch = random_batch(6, batch=2, seq=24)
+    batch["ages"] = batch["ages"] + 10**6
+    batch["visits"] = batch["visits"] + 10**6
+    assert bool(jnp.isfinite(encode(model, batch)).all())
