@@ -104,4 +104,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
+
+    # Med2Vec (ehrjax.embeddings.med2vec); dims, window, batch and l2 are the original tool's defaults.
+    # The med2vec_lora arm needs model.embed_dim == med2vec.dim (the model projects embed_dim -> hidden_dim).
+    c.med2vec = ml_collections.ConfigDict()
+    c.med2vec.dim = 200  # code representation size (W_emb columns)
+    c.med2vec.visit_dim = 200  # visit representation size (W_hidden columns)
+    c.med2vec.window = 1  # visits at offsets +-1..window predict each other
+    c.med2vec.epochs = 5
+    c.med2vec.batch_visits = 1000
+    c.med2vec.max_codes = 32  # codes per visit; longer visits keep their most frequent codes (counted)
+    c.med2vec.pairs_per_batch = 0  # code pairs per step; 0: enough to see every pair once per epoch
+    c.med2vec.optimizer = "adam"  # 'adam' | 'adadelta' (the original's, slow to start)
+    c.med2vec.learning_rate = 3e-3
+    c.med2vec.l2 = 0.001
+    c.med2vec.init_range = 0.0  # 0: Glorot-uniform weights; 0.01: the original's uniform(-0.01, 0.01)
+    c.med2vec.seed = 0
     return c
