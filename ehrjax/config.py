@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.num_patients = 6_000
     c.finetune.seed = 0
     c.finetune.outcome = "heart_failure"
+    c.finetune.train_size = 0  # 0 -> every training patient; k -> the first k (nested labeled-set sizes)
 
     c.task = "mlm"  # 'mlm' | 'outcome' | 'next_visit'
     c.arm = "scratch"  # 'scratch' | 'mlm_lora' | 'med2vec_lora' | 'mlm_full' (what is trainable, DESIGN §7)

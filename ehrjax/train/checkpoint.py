@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: `latest` (every N steps, for resume) and `best` (by validation metric).
 
-Each checkpoint holds two items: `state` (parameters, optimiser state, step — arrays) and `meta` (JSON: epoch,
-early-stopping state, metric history, the run's config). Saves are asynchronous and commit atomically, so a
-run killed mid-save resumes from the last complete checkpoint.
+Each checkpoint holds three items: `params` (the model parameters), `opt` (optimiser state and step) and
+`meta` (JSON: epoch, position in the epoch, early-stopping state, the run's config). Parameters are an item
+of their own so that a fine-tuning run restores them without knowing the pre-training optimiser. Saves are
+asynchronous and commit atomically, so a run killed mid-save resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -17,28 +18,33 @@ import orbax.checkpoint as ocp
 
 # Config keys that fix the shapes of a checkpoint's arrays: a resume or init with other values is refused.
 SHAPE_KEYS = ("model", "lora", "data.num_noise_codes")
+ITEMS = ("params", "opt", "meta")
 
 
 class RunCheckpoints:
     """The `latest` and `best` checkpoint managers of one run directory."""
 
-    def __init__(self, directory: str | os.PathLike, *, best_mode: str = "max"):
+    def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory).absolute()
         common = dict(enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
         self._latest = ocp.CheckpointManager(
             self.directory / "latest",
             options=ocp.CheckpointManagerOptions(max_to_keep=2, **common),
-            item_names=("state", "meta"),
+            item_names=ITEMS,
         )
         self._best = ocp.CheckpointManager(
             self.directory / "best",
             options=ocp.CheckpointManagerOptions(max_to_keep=1, **common),
-            item_names=("state", "meta"),
+            item_names=ITEMS,
         )
 
     @staticmethod
     def _args(state: Any, meta: dict[str, Any]) -> ocp.args.Composite:
-        return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        """state: {'params', 'opt_state', 'step'}."""
+        opt = {"opt_state": state["opt_state"], "step": state["step"]}
+        return ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]), opt=ocp.args.StandardSave(opt), meta=ocp.args.JsonSave(meta)
+        )
 
     def save_latest(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         self._latest.save(step, args=self._args(state, meta), force=True)
@@ -52,17 +58,32 @@ class RunCheckpoints:
     def best_step(self) -> int | None:
         return self._best.latest_step()
 
-    def restore(self, abstract_state: Any, *, which: str = "latest", step: int | None = None) -> tuple[Any, dict]:
-        """(state, meta) of checkpoint `step` (default: the newest) of `which` ('latest' | 'best')."""
+    def _manager(self, which: str) -> tuple[ocp.CheckpointManager, int]:
         manager = self._latest if which == "latest" else self._best
-        step = manager.latest_step() if step is None else step
+        step = manager.latest_step()
         if step is None:
             raise ValueError(f"checkpoint directory {self.directory / which}: no complete checkpoint")
+        return manager, step
+
+    def restore(self, abstract_state: Any, *, which: str = "latest") -> tuple[Any, dict]:
+        """(state, meta) of the newest checkpoint of `which` ('latest' | 'best'); abstract_state has the
+        structure, shapes, dtypes (and shardings) of {'params', 'opt_state', 'step'}."""
+        manager, step = self._manager(which)
+        opt = {"opt_state": abstract_state["opt_state"], "step": abstract_state["step"]}
         restored = manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state["params"]),
+                opt=ocp.args.StandardRestore(opt),
+                meta=ocp.args.JsonRestore(),
+            ),
         )
-        return restored.state, dict(restored.meta)
+        return {"params": restored.params, **restored.opt}, dict(restored.meta)
+
+    def restore_params(self, abstract_params: Any, *, which: str = "best") -> Any:
+        """The parameters alone of the newest checkpoint of `which`."""
+        manager, step = self._manager(which)
+        return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
 
     def wait(self) -> None:
         self._latest.wait_until_finished()

@@ -1,0 +1,60 @@
+"""`python -m ehrjax.train --config configs/cpu.py [--config.key=value ...]`: one training run.
+
+    python -m ehrjax.train --config configs/cpu.py --config.task=mlm
+    python -m ehrjax.train --config configs/cpu.py --config.task=outcome --config.arm=mlm_lora \\
+        --config.init_from=results/cpu-mlm-scratch-<stamp>
+    python -m ehrjax.train --config configs/cpu.py --config.resume=results/<run>   # continue a killed run
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experiment config file (get_config()).")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from ehrjax.train.loop import TrainingDiverged, train
+
+    try:
+        config = _CONFIG.value
+        config.get("name")  # a config file that failed to load raises here, not at parse time
+    except OSError as err:  # the config file could not be loaded
+        print(f"error: config: {_one_line(err)}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config)
+    except (ValueError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2, default=float))
+    print(f"run directory: {result.workdir}")
+    return 0
+
+
+def run() -> None:
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).replace("\\n", " ").replace("\\'", "'").strip("'\"")
+    return " ".join(text.split())
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as err:
+        # unknown --config.key, bad value, missing config file: one line, exit 2
+        print(f"error: config: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

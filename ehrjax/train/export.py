@@ -1,0 +1,70 @@
+"""Exports of a trained model: the code-embedding table (+ vocabulary), the LoRA adapters alone, all params.
+
+Tables and parameters are written as `.npz` and `safetensors` (flat names `a/b/c`), each atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from ehrjax.data.vocab import Vocab
+
+CODE_TABLE_PATH = ("embeddings", "code", "embedding")
+
+
+def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
+    """`{'a/b/c': float32 array}` of an nnx.State (host copies)."""
+    return {"/".join(map(str, path)): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_arrays(arrays: dict[str, np.ndarray], stem: Path) -> list[Path]:
+    """Write `stem.npz` and `stem.safetensors`; returns the paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    npz, st = stem.with_suffix(".npz"), stem.with_suffix(".safetensors")
+
+    def write_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    _atomic(npz, write_npz)
+    _atomic(st, lambda tmp: save_file(arrays, str(tmp)))
+    return [npz, st]
+
+
+def export_code_table(params: nnx.State, vocab: Vocab, directory: str | os.PathLike) -> list[Path]:
+    """The code table `code_embeddings` float32[len(vocab), embed_dim] and `vocab.json` beside it."""
+    directory = Path(directory)
+    flat = flat_arrays(params)
+    table = flat["/".join(CODE_TABLE_PATH)]
+    if table.shape[0] != len(vocab):
+        raise ValueError(f"code table has {table.shape[0]} rows, vocabulary {len(vocab)}")
+    paths = save_arrays({"code_embeddings": table}, directory / "code_embeddings")
+    vocab.save(directory / "vocab.json")
+    return [*paths, directory / "vocab.json"]
+
+
+def export_model(params: nnx.State, directory: str | os.PathLike, *, name: str = "model") -> list[Path]:
+    """All parameters, flat-named."""
+    return save_arrays(flat_arrays(params), Path(directory) / name)
+
+
+def export_adapters(params: nnx.State, directory: str | os.PathLike) -> list[Path]:
+    """The LoRA adapters alone (`lora_a` / `lora_b` leaves); nothing if the model has none."""
+    adapters = {k: v for k, v in flat_arrays(params).items() if k.rsplit("/", 1)[-1] in ("lora_a", "lora_b")}
+    return save_arrays(adapters, Path(directory) / "adapters") if adapters else []
