@@ -1,0 +1,561 @@
+"""Third-party code embeddings -> the model's code table, with a coverage report.
+
+Formats, chosen by extension (then content for other text files):
+
+* Med2Vec `X.npz` with exactly `W_emb, b_emb, W_hidden, b_hidden, W_output, b_output` (float32 or float64)
+  plus its code -> row map. The map is `codes_path` if given, else the first of `X.types.json`, `X.json`
+  (safe JSON, preferred) and `X.types` (the original tool's pickled dict, read only with
+  `allow_pickle=True`). Code vectors are `ReLU(W_emb)`, as in the paper.
+* word2vec text (`.txt`, `.vec`, `.w2v` or any text file): a header `n d`, then `code v1 ... vd` per line.
+  A file without the header (GloVe) is read too.
+* `X.npy` f[n, d] plus a JSON codes file (`codes_path`, else `X.json`, `X.vocab.json`, `X.types.json`):
+  a list of codes (row i = code i), a `{code: row}` map, or an ehrjax Vocab JSON (rows = vocab ids; rows of
+  special tokens are ignored).
+
+Matching to the vocabulary, for each clinical code of the vocabulary: the identical code string first;
+otherwise a normalised key: the system prefix stripped (`ICD9:`, `ICD10:`, `RX:`, any `NAME:` or a
+one-letter `D_` style prefix), upper case, dots removed; so `D_428.0`, `428.0`, `4280` and `ICD9:428.0`
+all match. The key ignores the system, so codes of different systems can meet (`RX:1` and `LAB:1`);
+such matches are counted (`cross_system`) and `normalize=False` turns normalised matching off. When several
+file codes share the key, the one whose system prefix equals the vocabulary code's wins, then the first in
+file row order; such codes are counted as ambiguous. A file row may feed several vocabulary codes.
+
+The table, f32[len(vocab), d]:
+
+* imported rows are rescaled (`rescale`): `match_init` (default) multiplies all imported vectors by one
+  factor so that their mean row norm equals that of the model's default init rows, `init_std * sqrt(d)`
+  (`ehrjax.models.embeddings.EMBED_INIT` is normal(0.02)): cosine geometry and relative norms are kept;
+  `standardize` centres every dimension and scales entries to std `init_std`; `none` keeps the file's
+  values;
+* codes missing from the file: `missing_init='normal'` draws normal(0, s) with s the std of the imported
+  (rescaled) entries, from `seed`; `'zeros'` leaves them zero;
+* special tokens are never taken from the file: normal(0, s) like missing codes, from `seed`, and the
+  `[PAD]` row is zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ehrjax.data.cohort import Cohort
+from ehrjax.data.vocab import NUM_SPECIAL, PAD, SPECIAL_TOKENS, Vocab
+
+MED2VEC_KEYS: frozenset[str] = frozenset({"W_emb", "b_emb", "W_hidden", "b_hidden", "W_output", "b_output"})
+TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".vec", ".w2v")
+RESCALE_MODES: tuple[str, ...] = ("match_init", "standardize", "none")
+MISSING_INITS: tuple[str, ...] = ("normal", "zeros")
+DEFAULT_INIT_STD = 0.02  # the model's code-table init, ehrjax.models.embeddings.EMBED_INIT
+CODE_TABLE_PATH: tuple[str, ...] = ("embeddings", "code", "embedding")
+
+_SYSTEM = re.compile(r"^(?:([A-Za-z][A-Za-z0-9_\-]*):|([A-Za-z])_)(.*)$")
+
+
+def split_code(code: str) -> tuple[str, str]:
+    """`ICD9:428.0` -> (`ICD9`, `4280`); `D_428.0` -> (`D`, `4280`); `428.0` -> (``, `4280`).
+
+    The second part is the normalised key: system prefix stripped, upper case, dots and spaces removed.
+    """
+    code = code.strip()
+    m = _SYSTEM.match(code)
+    system, rest = ((m.group(1) or m.group(2)).upper(), m.group(3)) if m else ("", code)
+    return system, rest.upper().replace(".", "").replace(" ", "")
+
+
+def normalize_code(code: str) -> str:
+    """The matching key of a code string (see `split_code`)."""
+    return split_code(code)[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeMatch:
+    """rows: int64[len(vocab)] file row per vocab id (-1: none); exact: bool[len(vocab)]; ambiguous: vocab
+    codes whose key several file codes share; cross_system: normalised matches between two different
+    non-empty systems (e.g. `D_428.0` -> `ICD9:428.0`, but also `RX:1` -> `LAB:1`: worth a look)."""
+
+    rows: np.ndarray
+    exact: np.ndarray
+    ambiguous: int
+    cross_system: int
+
+    @property
+    def matched(self) -> np.ndarray:
+        return self.rows >= 0
+
+
+def match_codes(file_codes: Sequence[str | None], vocab: Vocab, *, normalize: bool = True) -> CodeMatch:
+    """Match the vocabulary's clinical codes to file rows (`None` or special-token rows never match).
+
+    Exact string first; then, with `normalize`, the normalised key (module docstring).
+    """
+    exact_index: dict[str, int] = {}
+    by_key: dict[str, list[tuple[int, str]]] = {}
+    for row, code in enumerate(file_codes):
+        if code is None or code in SPECIAL_TOKENS:
+            continue
+        exact_index.setdefault(code, row)
+        system, key = split_code(code)
+        if key:
+            by_key.setdefault(key, []).append((row, system))
+    rows = np.full(len(vocab), -1, dtype=np.int64)
+    exact = np.zeros(len(vocab), dtype=bool)
+    ambiguous = cross_system = 0
+    for vid in range(NUM_SPECIAL, len(vocab)):
+        code = vocab.code(vid)
+        if code in exact_index:
+            rows[vid], exact[vid] = exact_index[code], True
+            continue
+        system, key = split_code(code)
+        candidates = by_key.get(key) if normalize and key else None
+        if not candidates:
+            continue
+        ambiguous += len(candidates) > 1
+        same_system = [c for c in candidates if c[1] == system]
+        rows[vid], file_system = (same_system or candidates)[0]
+        cross_system += bool(system and file_system and system != file_system)
+    return CodeMatch(rows, exact, ambiguous, cross_system)
+
+
+@dataclasses.dataclass
+class CoverageReport:
+    """How much of a vocabulary (and of a cohort's tokens) an embedding file covers."""
+
+    path: str
+    file_format: str
+    codes_path: str | None
+    dim: int
+    file_codes: int
+    vocab_codes: int  # clinical codes of the vocabulary (specials excluded)
+    matched_exact: int
+    matched_normalized: int
+    ambiguous: int
+    cross_system: int
+    file_codes_used: int
+    tokens_total: int | None
+    tokens_exact: int | None
+    tokens_normalized: int | None
+    unmatched_examples: list[str]
+    rescale: str
+    scale: float
+    missing_init: str
+    fill_std: float
+
+    @property
+    def matched(self) -> int:
+        return self.matched_exact + self.matched_normalized
+
+    @property
+    def vocab_share(self) -> float:
+        """Share of the vocabulary's clinical codes that got a vector from the file."""
+        return self.matched / self.vocab_codes if self.vocab_codes else 0.0
+
+    @property
+    def token_share(self) -> float | None:
+        """Share of the cohort's clinical-code tokens whose code got a vector (None without counts)."""
+        if self.tokens_total is None:
+            return None
+        return (self.tokens_exact + self.tokens_normalized) / self.tokens_total if self.tokens_total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(matched=self.matched, vocab_share=self.vocab_share, token_share=self.token_share)
+        return out
+
+    def format(self) -> str:
+        """A few lines for the terminal or a report."""
+        lines = [
+            f"embeddings {self.path} ({self.file_format}, {self.file_codes:,} codes x {self.dim})"
+            + (f", codes from {self.codes_path}" if self.codes_path else ""),
+            f"vocabulary: {self.matched:,}/{self.vocab_codes:,} codes matched ({self.vocab_share:.1%}): "
+            f"{self.matched_exact:,} exact, {self.matched_normalized:,} normalised "
+            f"({self.ambiguous:,} ambiguous, {self.cross_system:,} across systems); "
+            f"{self.file_codes_used:,} file codes used",
+        ]
+        if self.token_share is not None:
+            lines.append(
+                f"tokens: {self.tokens_exact + self.tokens_normalized:,}/{self.tokens_total:,} covered "
+                f"({self.token_share:.1%}): {self.tokens_exact:,} exact, {self.tokens_normalized:,} normalised"
+            )
+        if self.unmatched_examples:
+            lines.append("unmatched, e.g.: " + ", ".join(self.unmatched_examples))
+        lines.append(
+            f"rescale {self.rescale} (x{self.scale:.4g}); missing codes {self.missing_init} "
+            f"(std {self.fill_std:.4g}); special tokens random, [PAD] zero"
+        )
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `as_dict()` as JSON atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.as_dict(), indent=2))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def vocab_token_counts(cohort: Cohort, vocab: Vocab) -> np.ndarray:
+    """int64[len(vocab)] occurrences of each vocabulary id in `cohort` (codes outside it count as [UNK])."""
+    counts = np.zeros(len(vocab), dtype=np.int64)
+    np.add.at(counts, vocab.ids(cohort.code_names), cohort.code_counts())
+    return counts
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def sibling(path: Path, suffix: str) -> Path:
+    """`model.9.npz` + `.types.json` -> `model.9.types.json` (only the last suffix is replaced)."""
+    return path.with_name(path.name[: len(path.name) - len(path.suffix)] + suffix)
+
+
+def _first_existing(candidates: Sequence[Path]) -> Path | None:
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _read_json(path: Path, what: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"embedding file {what}: codes file {path} is not readable JSON ({_one_line(err)})") from err
+
+
+def _codes_from_map(mapping: Any, n_rows: int, path: Path, source: Path) -> list[str | None]:
+    """A `{code: row}` map covering rows 0..n-1 exactly once -> codes by row."""
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"embedding file {path}: codes file {source} must hold a {{code: row}} map")
+    if len(mapping) != n_rows:
+        raise ValueError(f"embedding file {path}: {n_rows} vectors but the codes map {source} has {len(mapping)} codes")
+    codes: list[str | None] = [None] * n_rows
+    for code, row in mapping.items():
+        if not isinstance(code, str) or isinstance(row, bool) or not isinstance(row, int | np.integer):
+            raise ValueError(f"embedding file {path}: codes map {source} must map strings to row numbers")
+        if not 0 <= row < n_rows or codes[row] is not None:
+            raise ValueError(
+                f"embedding file {path}: codes map {source} gives row {row} twice or outside [0, {n_rows})"
+            )
+        codes[row] = code
+    return codes
+
+
+def _codes_from_json(payload: Any, n_rows: int, path: Path, source: Path) -> list[str | None]:
+    if isinstance(payload, dict) and payload.get("format") == "ehrjax.vocab":
+        payload = payload.get("codes")
+    if isinstance(payload, list):
+        if not all(isinstance(c, str) for c in payload):
+            raise ValueError(f"embedding file {path}: codes list {source} must hold strings")
+        if len(payload) != n_rows:
+            raise ValueError(f"embedding file {path}: {n_rows} vectors but the codes list {source} has {len(payload)}")
+        return list(payload)
+    return _codes_from_map(payload, n_rows, path, source)
+
+
+def _check_unique(codes: Sequence[str | None], path: Path) -> None:
+    seen: set[str] = set()
+    for code in codes:
+        if code is not None and code in seen:
+            raise ValueError(f"embedding file {path}: code {code!r} appears twice")
+        if code is not None:
+            seen.add(code)
+
+
+def _check_finite(array: np.ndarray, path: Path, name: str) -> None:
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"embedding file {path}: {name} has non-numeric dtype {array.dtype}")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.isfinite(array).sum())
+        raise ValueError(f"embedding file {path}: {bad} NaN/inf values in {name}")
+
+
+def _read_med2vec(path: Path, codes_path: Path | None, allow_pickle: bool) -> tuple[list[str | None], np.ndarray, Path]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"embedding file {path}: not a readable .npz ({_one_line(err)})") from err
+    if set(arrays) != MED2VEC_KEYS:
+        missing, extra = sorted(MED2VEC_KEYS - set(arrays)), sorted(set(arrays) - MED2VEC_KEYS)
+        raise ValueError(
+            f"embedding file {path}: expected the Med2Vec arrays {sorted(MED2VEC_KEYS)}; "
+            f"missing {missing}, unexpected {extra}"
+        )
+    w, b = arrays["W_emb"], arrays["b_emb"]
+    wh, bh, wo, bo = arrays["W_hidden"], arrays["b_hidden"], arrays["W_output"], arrays["b_output"]
+    if w.ndim != 2 or b.shape != (w.shape[1],):
+        raise ValueError(f"embedding file {path}: W_emb {w.shape} and b_emb {b.shape} must be (n_codes, d) and (d,)")
+    if wh.ndim != 2 or wh.shape[0] < w.shape[1] or bh.shape != (wh.shape[1],):
+        raise ValueError(
+            f"embedding file {path}: W_hidden {wh.shape} / b_hidden {bh.shape} do not follow W_emb {w.shape}"
+        )
+    if wo.ndim != 2 or wo.shape[0] != wh.shape[1] or bo.shape != (wo.shape[1],):
+        raise ValueError(
+            f"embedding file {path}: W_output {wo.shape} / b_output {bo.shape} do not follow W_hidden {wh.shape}"
+        )
+    for name, array in arrays.items():
+        _check_finite(array, path, name)
+
+    stem = sibling(path, "")
+    source = codes_path or _first_existing([sibling(path, ".types.json"), sibling(path, ".json")])
+    if source is None:
+        source = _first_existing([sibling(path, ".types")])
+        if source is None:
+            raise ValueError(
+                f"embedding file {path}: no code map found (looked for {stem.name}.types.json, {stem.name}.json, "
+                f"{stem.name}.types; or pass codes_path)"
+            )
+    if source.suffix == ".json":
+        codes = _codes_from_json(_read_json(source, path), len(w), path, source)
+    else:
+        if not allow_pickle:
+            raise ValueError(
+                f"embedding file {path}: code map {source} is a pickle; pass allow_pickle=True only for a file you "
+                f"trust, or provide {stem.name}.types.json"
+            )
+        try:
+            with open(source, "rb") as fh:
+                mapping = pickle.load(fh, encoding="latin1")  # Python 2 (cPickle) str keys
+        except Exception as err:  # a corrupt pickle can raise almost anything
+            raise ValueError(
+                f"embedding file {path}: code map {source} is not a readable pickle ({_one_line(err)})"
+            ) from err
+        codes = _codes_from_map(mapping, len(w), path, source)
+    return codes, np.maximum(w, 0), source
+
+
+def _read_npy(path: Path, codes_path: Path | None) -> tuple[list[str | None], np.ndarray, Path]:
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"embedding file {path}: not a readable .npy ({_one_line(err)})") from err
+    if vectors.ndim != 2:
+        raise ValueError(f"embedding file {path}: expected a 2-d array (codes, d), got shape {vectors.shape}")
+    _check_finite(vectors, path, "the vectors")
+    stem = sibling(path, "")
+    source = codes_path or _first_existing(
+        [sibling(path, ".json"), sibling(path, ".vocab.json"), sibling(path, ".types.json")]
+    )
+    if source is None:
+        raise ValueError(f"embedding file {path}: no codes JSON found (looked for {stem.name}.json, "
+                         f"{stem.name}.vocab.json, {stem.name}.types.json; or pass codes_path)")  # fmt: skip
+    return _codes_from_json(_read_json(source, path), len(vectors), path, source), vectors, source
+
+
+def _read_text(path: Path) -> tuple[list[str | None], np.ndarray, str]:
+    try:
+        lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"embedding file {path}: unknown format (not a readable text file: {_one_line(err)})") from err
+    if not lines:
+        raise ValueError(f"embedding file {path}: empty")
+    header = lines[0]
+    if len(header) == 2 and all(t.isdigit() for t in header):
+        n, d = int(header[0]), int(header[1])
+        body, fmt = lines[1:], "word2vec"
+        if len(body) != n:
+            raise ValueError(f"embedding file {path}: the header says {n} vectors, the file has {len(body)}")
+    else:
+        body, fmt, d = lines, "glove", len(header) - 1
+    if d < 1:
+        raise ValueError(f"embedding file {path}: unknown format (expected 'code v1 ... vd' lines)")
+    widths = np.fromiter((len(parts) for parts in body), dtype=np.int64, count=len(body))
+    if np.any(widths != d + 1):
+        k = int(np.flatnonzero(widths != d + 1)[0])
+        raise ValueError(f"embedding file {path}: vector {k + 1} has {widths[k] - 1} values, expected {d}")
+    try:
+        vectors = np.array([parts[1:] for parts in body], dtype=np.float64).reshape(len(body), d)
+    except ValueError as err:
+        raise ValueError(f"embedding file {path}: unknown format (values are not numbers: {_one_line(err)})") from err
+    _check_finite(vectors, path, "the vectors")
+    codes: list[str | None] = [parts[0] for parts in body]
+    return codes, vectors, fmt
+
+
+def read_code_vectors(
+    path: str | os.PathLike, *, codes_path: str | os.PathLike | None = None, allow_pickle: bool = False
+) -> tuple[list[str | None], np.ndarray, str, Path | None]:
+    """The file's codes (by row), vectors f[n, d] (ReLU(W_emb) for Med2Vec), format name and codes file."""
+    path = Path(path)
+    codes_path = Path(codes_path) if codes_path is not None else None
+    if not path.is_file():
+        raise ValueError(f"embedding file {path}: does not exist")
+    if codes_path is not None and not codes_path.is_file():
+        raise ValueError(f"embedding file {path}: codes file {codes_path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        codes, vectors, source = _read_med2vec(path, codes_path, allow_pickle)
+        fmt = "med2vec"
+    elif suffix == ".npy":
+        codes, vectors, source = _read_npy(path, codes_path)
+        fmt = "npy"
+    elif suffix in (".bin", ".pkl", ".pickle", ".pt", ".h5"):
+        raise ValueError(
+            f"embedding file {path}: unknown format {suffix}; expected Med2Vec .npz, .npy + codes JSON or word2vec text"
+        )
+    else:
+        codes, vectors, fmt = _read_text(path)
+        source = None
+    if len(vectors) == 0 or vectors.shape[1] == 0:
+        raise ValueError(f"embedding file {path}: holds no vectors (shape {vectors.shape})")
+    _check_unique(codes, path)
+    return codes, vectors, fmt, source
+
+
+def _counts_by_id(code_counts: np.ndarray | Mapping[str, int], vocab: Vocab) -> np.ndarray:
+    if isinstance(code_counts, Mapping):
+        counts = np.zeros(len(vocab), dtype=np.int64)
+        for code, n in code_counts.items():
+            if code in vocab:
+                counts[vocab.id(code)] += int(n)
+        return counts
+    counts = np.asarray(code_counts, dtype=np.int64)
+    if counts.shape != (len(vocab),):
+        raise ValueError(f"code_counts has shape {counts.shape}, expected ({len(vocab)},): one count per vocab id")
+    return counts
+
+
+def load_code_table(
+    path: str | os.PathLike,
+    vocab: Vocab,
+    *,
+    embed_dim: int | None = None,
+    codes_path: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    missing_init: str = "normal",
+    rescale: str = "match_init",
+    init_std: float = DEFAULT_INIT_STD,
+    code_counts: np.ndarray | Mapping[str, int] | None = None,
+    normalize: bool = True,
+    seed: int = 0,
+    num_examples: int = 8,
+) -> tuple[np.ndarray, CoverageReport]:
+    """A code table f32[len(vocab), d] from an embedding file, and its coverage report.
+
+    embed_dim: the model's `model.embed_dim`; a file of another dimension is an error. code_counts:
+    int[len(vocab)] token counts per vocab id (e.g. `vocab_token_counts(cohort, vocab)`) or a `{code: count}`
+    map, for coverage by token frequency. normalize=False matches identical code strings only. See the
+    module docstring for formats, matching and the init of rows that do not come from the file. Every
+    problem is a one-line ValueError naming the file.
+    """
+    if missing_init not in MISSING_INITS:
+        raise ValueError(f"missing_init {missing_init!r} unknown; expected one of {MISSING_INITS}")
+    if rescale not in RESCALE_MODES:
+        raise ValueError(f"rescale {rescale!r} unknown; expected one of {RESCALE_MODES}")
+    path = Path(path)
+    codes, vectors, fmt, source = read_code_vectors(path, codes_path=codes_path, allow_pickle=allow_pickle)
+    d = vectors.shape[1]
+    if embed_dim is not None and d != embed_dim:
+        raise ValueError(
+            f"embedding file {path}: vectors have dimension {d} but model.embed_dim is {embed_dim}; set "
+            f"model.embed_dim = {d} (the model projects embed_dim -> hidden_dim)"
+        )
+    match = match_codes(codes, vocab, normalize=normalize)
+    ids = np.flatnonzero(match.matched)
+    if not len(ids):
+        file_eg = [c for c in codes[:3] if c is not None]
+        raise ValueError(
+            f"embedding file {path}: none of its {len(codes):,} codes (e.g. {file_eg}) matches the vocabulary's "
+            f"{len(vocab) - NUM_SPECIAL:,} clinical codes (e.g. {list(vocab.codes[NUM_SPECIAL : NUM_SPECIAL + 3])})"
+        )
+    imported = vectors[match.rows[ids]].astype(np.float64)
+    scale = 1.0
+    if rescale == "match_init":
+        mean_norm = float(np.linalg.norm(imported, axis=1).mean())
+        if mean_norm == 0.0:
+            raise ValueError(f"embedding file {path}: every matched vector is zero; nothing to rescale")
+        scale = init_std * np.sqrt(d) / mean_norm
+        imported = imported * scale
+    elif rescale == "standardize":
+        centred = imported - imported.mean(axis=0)
+        std = float(centred.std())
+        if std == 0.0:
+            raise ValueError(f"embedding file {path}: the matched vectors are all equal; cannot standardise")
+        scale = init_std / std
+        imported = centred * scale
+    fill_std = float(imported.std()) or init_std
+
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0.0, fill_std, (len(vocab), d))
+    if missing_init == "zeros":
+        table[NUM_SPECIAL:] = 0.0
+    table[ids] = imported
+    table[PAD] = 0.0
+
+    exact_ids = ids[match.exact[ids]]
+    norm_ids = ids[~match.exact[ids]]
+    unmatched = np.flatnonzero(~match.matched[NUM_SPECIAL:]) + NUM_SPECIAL
+    tokens = None
+    if code_counts is not None:
+        counts = _counts_by_id(code_counts, vocab)
+        tokens = (int(counts[NUM_SPECIAL:].sum()), int(counts[exact_ids].sum()), int(counts[norm_ids].sum()))
+        unmatched = unmatched[np.argsort(-counts[unmatched], kind="stable")]
+    report = CoverageReport(
+        path=str(path),
+        file_format=fmt,
+        codes_path=str(source) if source else None,
+        dim=d,
+        file_codes=sum(c is not None and c not in SPECIAL_TOKENS for c in codes),
+        vocab_codes=len(vocab) - NUM_SPECIAL,
+        matched_exact=len(exact_ids),
+        matched_normalized=len(norm_ids),
+        ambiguous=match.ambiguous,
+        cross_system=match.cross_system,
+        file_codes_used=len(np.unique(match.rows[ids])),
+        tokens_total=tokens[0] if tokens else None,
+        tokens_exact=tokens[1] if tokens else None,
+        tokens_normalized=tokens[2] if tokens else None,
+        unmatched_examples=[vocab.code(int(i)) for i in unmatched[:num_examples]],
+        rescale=rescale,
+        scale=float(scale),
+        missing_init=missing_init,
+        fill_std=fill_std,
+    )
+    return table.astype(np.float32), report
+
+
+def _names(path: tuple) -> tuple[str, ...]:
+    out = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        if name != "value":
+            out.append(str(name))
+    return tuple(out)
+
+
+def set_code_table(params: Any, table: np.ndarray | jax.Array, *, path: tuple[str, ...] = CODE_TABLE_PATH) -> Any:
+    """A copy of `params` (an `nnx.State` of the model's params, or a plain nested dict) with the code
+    embedding at `path` (default `embeddings/code/embedding`, f32[vocab, embed_dim]) replaced by `table`.
+
+    Shapes must match. The input is not modified. Freezing the table is the optimiser's job (a partition
+    that gives this path zero updates).
+    """
+    table = jnp.asarray(table)
+    found = []
+
+    def swap(key_path: tuple, leaf: Any) -> Any:
+        if _names(key_path) != path:
+            return leaf
+        found.append(leaf)
+        if tuple(leaf.shape) != tuple(table.shape):
+            raise ValueError(
+                f"code table has shape {tuple(table.shape)}, the model's {'/'.join(path)} has {tuple(leaf.shape)}"
+            )
+        return table.astype(leaf.dtype)
+
+    out = jax.tree_util.tree_map_with_path(swap, params)
+    if not found:
+        raise ValueError(f"params have no parameter at {'/'.join(path)}")
+    return out
