@@ -197,14 +197,20 @@ def loss_fn(
     visit_loss = per_offset.sum()
 
     c = code_vectors(params)
+    n_codes = c.shape[0]
     i, j = pairs[:, 0], pairs[:, 1]
-    ci = jnp.take(c, i, axis=0)
-    if pairs.shape[0] >= c.shape[0]:  # cheaper to normalise every code once than every pair
-        lse = jnp.take(jax.nn.logsumexp(c @ c.T, axis=1), i)
+    weight = pair_valid.astype(c.dtype)
+    if pairs.shape[0] >= n_codes:
+        # Every code normalised once: sum over pairs of lse_i - s_ij = sum(count_i lse_i) - sum(N * S), with
+        # N the step's pair counts; no per-pair rows are gathered.
+        s = c @ c.T
+        counts = jnp.zeros((n_codes, n_codes), c.dtype).at[i, j].add(weight)
+        total_nll = (counts.sum(axis=1) * jax.nn.logsumexp(s, axis=1)).sum() - (counts * s).sum()
     else:
-        lse = jax.nn.logsumexp(ci @ c.T, axis=1)
-    nll = lse - (ci * jnp.take(c, j, axis=0)).sum(axis=-1)
-    code_loss = jnp.where(pair_valid, nll, 0.0).sum() / jnp.maximum(pair_valid.sum(), 1)
+        ci = jnp.take(c, i, axis=0)
+        nll = jax.nn.logsumexp(ci @ c.T, axis=1) - (ci * jnp.take(c, j, axis=0)).sum(axis=-1)
+        total_nll = (weight * nll).sum()
+    code_loss = total_nll / jnp.maximum(weight.sum(), 1.0)
 
     l2_loss = l2 * jnp.sum(params["W_emb"] ** 2)
     loss = visit_loss + code_loss + l2_loss
