@@ -18,6 +18,11 @@ Loss per batch = visit loss + code loss + l2 * ||W_emb||^2:
   epoch permutes all pairs of the cohort and deals them out to the steps (a fixed number per step, padding
   weighted zero), so every pair is seen once per epoch whatever the batch composition.
 
+Departures from the original, all in the `med2vec` config: Adam (lr 3e-3) instead of Adadelta and
+Glorot-uniform weights instead of uniform(-0.01, 0.01) (`optimizer='adadelta'`, `init_range=0.01` give the
+original back), because together they reach good code vectors in a few epochs; `log(1 - y)` is computed
+from the log-softmax with y clamped below 1 instead of adding the original's 1e-8.
+
 Static shapes: `batch_visits` visits per step, `max_codes` codes per visit (a longer visit keeps its most
 frequent codes, i.e. lowest vocab ids, and the cut is counted), `pairs_per_batch` pairs per step (0: just
 enough to see every pair once per epoch). Codes index the model vocabulary's clinical codes: Med2Vec index
@@ -340,6 +345,10 @@ def train_med2vec(
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         means = {k: float(v) for k, v in jax.tree.map(lambda *x: jnp.stack(x).mean(), *history).items()}
         epoch_seconds.append(time.perf_counter() - t0)
+        if not np.isfinite(means["loss"]):
+            raise ValueError(
+                f"med2vec: the loss became {means['loss']} in epoch {epoch + 1}; lower med2vec.learning_rate"
+            )
         losses.append(means)
         log(
             f"med2vec epoch {epoch + 1}/{cfg.epochs}: loss {means['loss']:.4f} (visit {means['visit']:.4f}, "

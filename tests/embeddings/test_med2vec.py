@@ -223,3 +223,11 @@ def test_command_line_trains_and_exports(tmp_path, capsys):
     assert (tmp_path / "run" / "med2vec.npz").is_file() and (tmp_path / "run" / "med2vec.types.json").is_file()
     out = capsys.readouterr()
     assert "visits/s" in out.out and "epoch 1/1" in out.err + out.out
+
+
+def test_a_diverging_run_stops_with_a_clear_error():
+    cohort = generate_cohort(200, seed=0, num_noise_codes=10)
+    vocab = Vocab.build(cohort.code_names, cohort.code_counts())
+    cfg = small_config(epochs=2, dim=4, visit_dim=4, learning_rate=1e30)
+    with pytest.raises(ValueError, match=r"loss became (nan|inf) in epoch 1; lower med2vec\.learning_rate"):
+        med2vec.train_med2vec(cohort, vocab, cfg, progress=False, log=lambda s: None)
