@@ -330,12 +330,13 @@ def train_med2vec(
 
     losses: list[dict[str, float]] = []
     epoch_seconds: list[float] = []
+    epoch_cpu_seconds: list[float] = []  # CPU time of this process (all threads): less sensitive to other jobs
     pairs_left_out = 0
     for epoch in range(cfg.epochs):
         visit_idx, _ = _epoch_indices(rng, data.num_visits, steps, cfg.batch_visits)
         pair_idx, left_out = _epoch_indices(rng, len(data.pairs), steps, pairs_per_step)
         pairs_left_out += left_out
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         history = []
         bar = tqdm(range(steps), desc=f"med2vec epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for s in bar:
@@ -345,6 +346,7 @@ def train_med2vec(
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
         means = {k: float(v) for k, v in jax.tree.map(lambda *x: jnp.stack(x).mean(), *history).items()}
         epoch_seconds.append(time.perf_counter() - t0)
+        epoch_cpu_seconds.append(time.process_time() - cpu0)
         if not np.isfinite(means["loss"]):
             raise ValueError(
                 f"med2vec: the loss became {means['loss']} in epoch {epoch + 1}; lower med2vec.learning_rate"
@@ -367,6 +369,7 @@ def train_med2vec(
         "dropped_tokens": data.dropped_tokens,
         "compile_seconds": compile_seconds,
         "epoch_seconds": epoch_seconds,
+        "epoch_cpu_seconds": epoch_cpu_seconds,
     }
     return Med2VecResult({k: np.asarray(v, np.float32) for k, v in params.items()}, vocab, losses, stats)
 

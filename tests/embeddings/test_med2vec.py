@@ -156,6 +156,7 @@ def test_losses_decrease_over_epochs(trained):
     stats = trained.stats
     assert stats["pairs_left_out"] == 0 and stats["truncated_codes"] == 0
     assert stats["pairs_per_step"] * stats["steps_per_epoch"] >= stats["pairs"]
+    assert len(stats["epoch_seconds"]) == len(stats["epoch_cpu_seconds"]) == 3
 
 
 def test_export_writes_the_original_layout_and_imports_back(trained, tmp_path):
