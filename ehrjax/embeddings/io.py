@@ -11,6 +11,8 @@ Formats, chosen by extension (then content for other text files):
 * `X.npy` f[n, d] plus a JSON codes file (`codes_path`, else `X.json`, `X.vocab.json`, `X.types.json`):
   a list of codes (row i = code i), a `{code: row}` map, or an ehrjax Vocab JSON (rows = vocab ids; rows of
   special tokens are ignored).
+* an ehrjax code-table export (`ehrjax.train.export.export_code_table`): `X.npz` or `X.safetensors` with
+  the single array `code_embeddings`, codes from the JSON files above or `vocab.json` in the same folder.
 
 Matching to the vocabulary, for each clinical code of the vocabulary: the identical code string first;
 otherwise a normalised key: the system prefix stripped (`ICD9:`, `ICD10:`, `RX:`, any `NAME:` or a
@@ -40,7 +42,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from ehrjax.data.cohort import Cohort
 from ehrjax.data.vocab import NUM_SPECIAL, PAD, SPECIAL_TOKENS, Vocab
 
 MED2VEC_KEYS: frozenset[str] = frozenset({"W_emb", "b_emb", "W_hidden", "b_hidden", "W_output", "b_output"})
+EHRJAX_TABLE_KEY = "code_embeddings"  # ehrjax.train.export.export_code_table: rows = vocab ids, vocab.json beside
 TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".vec", ".w2v")
 RESCALE_MODES: tuple[str, ...] = ("match_init", "standardize", "none")
 MISSING_INITS: tuple[str, ...] = ("normal", "zeros")
@@ -281,17 +283,27 @@ def _check_finite(array: np.ndarray, path: Path, name: str) -> None:
         raise ValueError(f"embedding file {path}: {bad} NaN/inf values in {name}")
 
 
-def _read_med2vec(path: Path, codes_path: Path | None, allow_pickle: bool) -> tuple[list[str | None], np.ndarray, Path]:
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` or `.safetensors` file, never unpickling."""
     try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return load_file(str(path))
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"embedding file {path}: not a readable .npz ({_one_line(err)})") from err
+            return {k: z[k] for k in z.files}
+    except Exception as err:  # zipfile, numpy and safetensors raise many kinds
+        raise ValueError(f"embedding file {path}: not a readable {path.suffix} ({_one_line(err)})") from err
+
+
+def _read_med2vec(
+    path: Path, arrays: dict[str, np.ndarray], codes_path: Path | None, allow_pickle: bool
+) -> tuple[list[str | None], np.ndarray, Path]:
     if set(arrays) != MED2VEC_KEYS:
         missing, extra = sorted(MED2VEC_KEYS - set(arrays)), sorted(set(arrays) - MED2VEC_KEYS)
         raise ValueError(
-            f"embedding file {path}: expected the Med2Vec arrays {sorted(MED2VEC_KEYS)}; "
-            f"missing {missing}, unexpected {extra}"
+            f"embedding file {path}: expected the Med2Vec arrays {sorted(MED2VEC_KEYS)} (or an ehrjax table "
+            f"'{EHRJAX_TABLE_KEY}'); missing {missing}, unexpected {extra}"
         )
     w, b = arrays["W_emb"], arrays["b_emb"]
     wh, bh, wo, bo = arrays["W_hidden"], arrays["b_hidden"], arrays["W_output"], arrays["b_output"]
@@ -336,21 +348,17 @@ def _read_med2vec(path: Path, codes_path: Path | None, allow_pickle: bool) -> tu
     return codes, np.maximum(w, 0), source
 
 
-def _read_npy(path: Path, codes_path: Path | None) -> tuple[list[str | None], np.ndarray, Path]:
-    try:
-        vectors = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise ValueError(f"embedding file {path}: not a readable .npy ({_one_line(err)})") from err
+def _read_table(
+    path: Path, vectors: np.ndarray, codes_path: Path | None, candidates: Sequence[Path]
+) -> tuple[list[str | None], np.ndarray, Path]:
+    """A plain table f[n, d] whose codes come from a JSON file (`codes_path` or the first candidate found)."""
     if vectors.ndim != 2:
         raise ValueError(f"embedding file {path}: expected a 2-d array (codes, d), got shape {vectors.shape}")
     _check_finite(vectors, path, "the vectors")
-    stem = sibling(path, "")
-    source = codes_path or _first_existing(
-        [sibling(path, ".json"), sibling(path, ".vocab.json"), sibling(path, ".types.json")]
-    )
+    source = codes_path or _first_existing(candidates)
     if source is None:
-        raise ValueError(f"embedding file {path}: no codes JSON found (looked for {stem.name}.json, "
-                         f"{stem.name}.vocab.json, {stem.name}.types.json; or pass codes_path)")  # fmt: skip
+        looked = ", ".join(p.name for p in candidates)
+        raise ValueError(f"embedding file {path}: no codes JSON found (looked for {looked}; or pass codes_path)")
     return _codes_from_json(_read_json(source, path), len(vectors), path, source), vectors, source
 
 
@@ -395,11 +403,24 @@ def read_code_vectors(
     if codes_path is not None and not codes_path.is_file():
         raise ValueError(f"embedding file {path}: codes file {codes_path} does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".npz":
-        codes, vectors, source = _read_med2vec(path, codes_path, allow_pickle)
-        fmt = "med2vec"
+    table_json = [sibling(path, ".json"), sibling(path, ".vocab.json"), sibling(path, ".types.json")]
+    if suffix in (".npz", ".safetensors"):
+        arrays = _load_arrays(path)
+        if set(arrays) == {EHRJAX_TABLE_KEY}:
+            table_json.append(path.parent / "vocab.json")
+            codes, vectors, source = _read_table(path, arrays[EHRJAX_TABLE_KEY], codes_path, table_json)
+            fmt = "ehrjax"
+        elif suffix == ".npz":
+            codes, vectors, source = _read_med2vec(path, arrays, codes_path, allow_pickle)
+            fmt = "med2vec"
+        else:
+            raise ValueError(f"embedding file {path}: expected one array '{EHRJAX_TABLE_KEY}', found {sorted(arrays)}")
     elif suffix == ".npy":
-        codes, vectors, source = _read_npy(path, codes_path)
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"embedding file {path}: not a readable .npy ({_one_line(err)})") from err
+        codes, vectors, source = _read_table(path, vectors, codes_path, table_json)
         fmt = "npy"
     elif suffix in (".bin", ".pkl", ".pickle", ".pt", ".h5"):
         raise ValueError(

@@ -327,3 +327,17 @@ def test_bad_options_are_errors(tmp_path):
         load_code_table(tmp_path / "w.txt", Vocab(["ICD10:I10"]), rescale="max")
     with pytest.raises(ValueError, match="missing_init 'ones' unknown"):
         load_code_table(tmp_path / "w.txt", Vocab(["ICD10:I10"]), missing_init="ones")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_ehrjax_code_table_export_imports_back(tmp_path, suffix):
+    from ehrjax.train.export import export_code_table
+
+    vocab = Vocab(["ICD10:I10", "RX:x", "LOINC:1"])
+    model = Behrt(model_config("tiny"), len(vocab), rngs=nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    export_code_table(params, vocab, tmp_path)
+    table, report = load_code_table(tmp_path / f"code_embeddings{suffix}", vocab, rescale="none")
+    expected = np.asarray(params["embeddings"]["code"]["embedding"][...])
+    np.testing.assert_array_equal(table[NUM_SPECIAL:], expected[NUM_SPECIAL:])
+    assert report.file_format == "ehrjax" and report.matched_exact == 3 and report.codes_path.endswith("vocab.json")
