@@ -117,17 +117,17 @@ P_NOISE_PREFERRED = 0.45
 
 # Log-hazard of the outcome within the window after the index date (DESIGN.md §3.4).
 OUTCOME_COEF = dict(
-    intercept=-2.85,
+    intercept=-3.05,
     age_per_decade=0.35,  # centred at 60
     male=0.25,
-    frailty=0.45,
-    hypertension=0.45,
-    type2_diabetes=0.35,
-    chronic_kidney_disease=0.55,
-    copd=0.55,
-    untreated_hypertension_6m=0.90,  # hypertension not treated at some time in the 6 months before index
-    recent_onset_1y=0.60,  # diabetes or CKD diagnosed in the year before index
-    ckd_after_diabetes=0.45,  # order: CKD that followed diabetes
+    frailty=0.35,
+    hypertension=0.70,
+    type2_diabetes=0.60,
+    chronic_kidney_disease=0.80,
+    copd=0.80,
+    untreated_hypertension_6m=1.20,  # hypertension not treated at some time in the 6 months before index
+    recent_onset_1y=0.90,  # diabetes or CKD diagnosed in the year before index
+    ckd_after_diabetes=0.60,  # order: CKD that followed diabetes
     frequent_visits_6m=0.35,  # 3+ visits in the 6 months before index
 )
 
