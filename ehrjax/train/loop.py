@@ -246,6 +246,70 @@ def _improved(metric: str, value: float, best: float | None) -> bool:
     return value < best if metric == "loss" else value > best
 
 
+@dataclasses.dataclass
+class Trainer:
+    """Everything a run needs, built once from a config: data, model states, batchers, jitted steps."""
+
+    config: ml_collections.ConfigDict
+    data: TaskData
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    state: dict[str, Any]  # {'params', 'opt_state', 'step'}; replicated on the mesh
+    trainable: tuple[str, ...]
+    report: Any
+    loaded: dict[str, list[str]] | None
+    mesh: Mesh | None
+    train_batcher: DeviceBatcher
+    val_batcher: DeviceBatcher
+    train_step: Any
+    eval_step: Any
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_batcher.num_batches
+
+    def batcher(self, split: str, limit: int | None = None) -> DeviceBatcher:
+        """A fixed-order batcher over a split's patients, sharing the device corpus."""
+        return DeviceBatcher.from_config(
+            self.config.data, self.data.corpus, seed=self.config.seed, patients=self.data.splits[split][:limit],
+            mesh=self.mesh, device_corpus=self.train_batcher.corpus,
+        )  # fmt: skip
+
+
+def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab | None = None) -> Trainer:
+    """Data, model, optimiser, batchers and compiled-on-first-use steps for `config` (no I/O to a run dir)."""
+    validate_config(config)
+    task = config.task
+    data = build_task_data(config, task, vocab=vocab)
+    model, loaded = _init_model(config, data)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    trainable = MLM_TRAINABLE if task == "mlm" else ARMS[config.arm][0]
+    mesh = make_mesh(config.train.num_devices)
+    train_batcher = DeviceBatcher.from_config(
+        config.data, data.corpus, seed=config.seed, patients=data.splits["train"], labels=data.labels, mesh=mesh
+    )
+    val_batcher = DeviceBatcher.from_config(
+        config.data, data.corpus, seed=config.seed, patients=data.splits["val"][: config.train.max_eval_patients],
+        mesh=mesh, device_corpus=train_batcher.corpus,
+    )  # fmt: skip
+    tx = make_optimizer(config, params, trainable, total_steps=config.train.epochs * train_batcher.num_batches)
+    step_cfg = StepConfig(
+        task=task,
+        vocab_size=len(data.vocab),
+        mask_prob=config.data.mask_prob,
+        mlm_slots=num_mlm_slots(config.data.row_len, config.data.mask_prob, config.data.mlm_slot_factor),
+    )
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if mesh is not None:
+        state = jax.device_put(state, NamedSharding(mesh, P()))
+    return Trainer(
+        config=config, data=data, graphdef=graphdef, rest=rest, state=state, trainable=trainable,
+        report=parameter_report(params, trainable), loaded=loaded, mesh=mesh, train_batcher=train_batcher,
+        val_batcher=val_batcher, train_step=make_train_step(graphdef, rest, tx, step_cfg),
+        eval_step=make_eval_step(graphdef, rest, step_cfg),
+    )  # fmt: skip
+
+
 def train(config: ml_collections.ConfigDict) -> RunResult:
     """Run `config.task` for `config.arm`; see the module docstring for what is written where."""
     start_time = time.perf_counter()
@@ -256,40 +320,22 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
         _check_resume(config, workdir)
     check_writable(workdir)
 
-    vocab = _load_vocab(config, workdir)
-    data = build_task_data(config, task, vocab=vocab)
-    model, loaded = _init_model(config, data)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    trainable = MLM_TRAINABLE if task == "mlm" else ARMS[config.arm][0]
-    report = parameter_report(params, trainable)
-
-    mesh = make_mesh(config.train.num_devices)
-    train_batcher = DeviceBatcher.from_config(
-        config.data, data.corpus, seed=config.seed, patients=data.splits["train"], labels=data.labels, mesh=mesh
+    trainer = build_trainer(config, _load_vocab(config, workdir))
+    data, state, trainable, report, loaded = (
+        trainer.data,
+        trainer.state,
+        trainer.trainable,
+        trainer.report,
+        trainer.loaded,
     )
-    val_batcher = DeviceBatcher.from_config(
-        config.data,
-        data.corpus,
-        seed=config.seed,
-        patients=data.splits["val"][: config.train.max_eval_patients],
-        mesh=mesh,
-        device_corpus=train_batcher.corpus,
+    train_batcher, val_batcher, train_step, eval_step = (
+        trainer.train_batcher,
+        trainer.val_batcher,
+        trainer.train_step,
+        trainer.eval_step,
     )
-    steps_per_epoch = train_batcher.num_batches
+    steps_per_epoch = trainer.steps_per_epoch
     total_steps = config.train.epochs * steps_per_epoch
-    tx = make_optimizer(config, params, trainable, total_steps=total_steps)
-    step_cfg = StepConfig(
-        task=task,
-        vocab_size=len(data.vocab),
-        mask_prob=config.data.mask_prob,
-        mlm_slots=num_mlm_slots(config.data.row_len, config.data.mask_prob, config.data.mlm_slot_factor),
-    )
-    train_step = make_train_step(graphdef, rest, tx, step_cfg)
-    eval_step = make_eval_step(graphdef, rest, step_cfg)
-
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    if mesh is not None:
-        state = jax.device_put(state, NamedSharding(mesh, P()))
     metric = config.train.metric or DEFAULT_METRIC[task]
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     meta: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0}
@@ -355,6 +401,7 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
     try:
         while epoch < config.train.epochs and not stopped_early:
             plan = train_batcher.plan_epoch(epoch)
+            window_start = time.perf_counter()  # evaluation and checkpointing are not training time
             first = meta["batch"] if epoch == meta["epoch"] else 0
             for k in range(first, plan.num_batches):
                 g, j = (int(x) for x in plan.order[k])
@@ -395,10 +442,7 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
     which = "best" if checkpoints.best_step() is not None else "latest"
     best_params = checkpoints.restore_params(jax.tree.map(_abstract, state["params"]), which=which)
     checkpoints.close()
-    test_batcher = DeviceBatcher.from_config(
-        config.data, data.corpus, seed=config.seed, patients=data.splits["test"], mesh=mesh,
-        device_corpus=train_batcher.corpus,
-    )  # fmt: skip
+    test_batcher = trainer.batcher("test")
     best_val, _ = evaluate(eval_step, best_params, val_batcher, data, task)
     test_metrics, predictions = evaluate(eval_step, best_params, test_batcher, data, task)
     logger.log({"event": "eval", "split": "test", "step": int(state["step"]), "epoch": meta["best_epoch"],
