@@ -92,7 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_eval_patients = 2000  # validation patients scored per evaluation (MLM: held-out patients)
     c.train.tensorboard = False
     c.train.progress = True
-    c.train.num_devices = 0  # 0 -> all local devices on the 'data' mesh axis
+    c.train.num_devices = 0  # 0 -> all devices on the 'data' mesh axis
+    c.train.distributed = False  # call jax.distributed.initialize() first (multi-host; arguments from the env)
 
     c.model = model_config("small")
     c.lora = lora_config()

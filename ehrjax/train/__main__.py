@@ -28,6 +28,10 @@ def main(argv: list[str]) -> int:
     except OSError as err:  # the config file could not be loaded
         print(f"error: config: {_one_line(err)}", file=sys.stderr)
         return 2
+    if config.train.distributed:
+        import jax
+
+        jax.distributed.initialize()  # coordinator, process count and id from the cluster environment
     try:
         result = train(config)
     except (ValueError, TrainingDiverged) as err:

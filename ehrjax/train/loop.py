@@ -102,8 +102,11 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh | None:
-    """A 1-D `data` mesh over the first `num_devices` local devices (0: all); None for a single device."""
-    devices = jax.local_devices()
+    """A 1-D `data` mesh over the first `num_devices` devices (0: all, every host's); None for one device.
+
+    Every process builds the same cohort and plans (they are seeded), so replicated arrays agree across hosts.
+    """
+    devices = jax.devices()
     n = len(devices) if num_devices == 0 else num_devices
     if n > len(devices):
         raise ValueError(f"train.num_devices={num_devices} but only {len(devices)} devices are visible")
@@ -360,13 +363,13 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
 
     base_key = jax.random.key(config.seed)
     pending: list[dict[str, jax.Array]] = []
-    window_start, train_tokens, train_time = time.perf_counter(), 0.0, 0.0
+    window_start, train_tokens, train_time, first_window = time.perf_counter(), 0.0, 0.0, True
     val_metrics: dict[str, float] = {}
     epoch = meta["epoch"]
     stopped_early = False
 
     def flush(step: int, epoch: int) -> None:
-        nonlocal window_start, train_tokens, train_time
+        nonlocal window_start, train_tokens, train_time, first_window
         if not pending:
             return
         sums = jax.device_get(pending)
@@ -393,8 +396,10 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
             record["mlm_overflow"] = totals["overflow"]
         logger.log(record)
         logger.advance(len(sums), {"loss": f"{record['loss']:.4f}", "tok/s": f"{record['real_tokens_per_s']:,.0f}"})
-        train_tokens += totals["real_tokens"]
-        train_time += elapsed
+        if not first_window:  # the first window of a process includes compiling the step
+            train_tokens += totals["real_tokens"]
+            train_time += elapsed
+        first_window = False
         pending.clear()
         window_start = time.perf_counter()
 
