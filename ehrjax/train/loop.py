@@ -179,10 +179,21 @@ def _frozen_leaves(params: nnx.State, trainable: tuple[str, ...]) -> list[jax.Ar
 
 
 class _Logger:
-    """metrics.jsonl (appended, atomic per line) and an optional progress bar."""
+    """metrics.jsonl (appended, one line per record), an optional progress bar and optional TensorBoard."""
 
-    def __init__(self, path: Path, resume_step: int | None, progress: bool, total: int, initial: int):
+    def __init__(
+        self, path: Path, resume_step: int | None, progress: bool, total: int, initial: int, tensorboard: bool
+    ):
         self.path = path
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as err:
+                raise ValueError(
+                    "train.tensorboard=True needs tensorboardX: pip install 'ehrjax[tensorboard]'"
+                ) from err
+            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
         if resume_step is not None and path.is_file():  # drop records past the checkpoint we resume from
             lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in lines))
@@ -195,6 +206,11 @@ class _Logger:
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self._tb is not None and record["event"] in ("train", "eval"):
+            tag = record["event"] if record["event"] == "train" else record["split"]
+            for key, value in record.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                    self._tb.add_scalar(f"{tag}/{key}", value, record["step"])
 
     def advance(self, n: int, postfix: dict[str, str] | None = None) -> None:
         if self._bar is not None:
@@ -205,6 +221,8 @@ class _Logger:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def evaluate(
@@ -354,7 +372,10 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
     frozen_before = [jnp.copy(x) for x in _frozen_leaves(state["params"], trainable)]
 
-    logger = _Logger(workdir / "metrics.jsonl", resume_step, config.train.progress, total_steps, int(state["step"]))
+    logger = _Logger(
+        workdir / "metrics.jsonl", resume_step, config.train.progress, total_steps, int(state["step"]),
+        config.train.tensorboard,
+    )  # fmt: skip
     if resume_step is None:
         logger.log({"event": "start", "step": 0, "task": task, "arm": config.arm, "data": data.summary(),
                     "params": report.as_dict(), "loaded": {k: len(v) for k, v in (loaded or {}).items()},

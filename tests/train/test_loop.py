@@ -22,8 +22,10 @@ def run_cli(*args, timeout=600, env=None):
 
 def test_mlm_run_writes_everything_and_keeps_nothing_frozen_by_mistake(smoke_config):
     smoke_config.train.epochs = 1
+    smoke_config.train.tensorboard = True
     result = train(smoke_config)
     run = Path(result.workdir)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("config.json", "vocab.json", "metrics.jsonl", "export/code_embeddings.npz",
                  "export/code_embeddings.safetensors", "export/vocab.json", "export/model.safetensors"):  # fmt: skip
         assert (run / name).is_file(), name
