@@ -28,6 +28,7 @@ INPUTS = ("codes", "ages", "visits", "segment_ids")
 
 def tiny_model(*, lora: bool = True, scan_layers: bool = False, num_labels: int = 1, seed: int = 0) -> Behrt:
     cfg = model_config("tiny")
+    cfg.num_layers = 1  # compile time matters more than depth here
     cfg.scan_layers = scan_layers
     return Behrt(cfg, VOCAB, num_labels=num_labels, lora_cfg=lora_config() if lora else None, rngs=nnx.Rngs(seed))
 
