@@ -48,15 +48,21 @@ def mask_tokens(
     if num_slots < 1:
         raise ValueError(f"num_slots must be >= 1, got {num_slots}")
     batch, length = codes.shape
-    k_select, k_action, k_random = jax.random.split(key, 3)
-    selected = (codes >= NUM_SPECIAL) & (jax.random.uniform(k_select, codes.shape) < mask_prob)
+    # One draw of random words: selection, action (mask / random / keep) and the random code. Comparing raw
+    # uint32 words with scaled thresholds avoids three separate PRNG calls (which dominate compile time).
+    select_bits, action_bits, code_bits = jax.random.bits(key, (3, batch, length), jnp.uint32)
+    scale = float(2**32)
+    selected = (codes >= NUM_SPECIAL) & (select_bits < jnp.uint32(mask_prob * scale))
     rank = jnp.cumsum(selected, axis=1, dtype=jnp.int32) - 1
     kept = selected & (rank < num_slots)
     overflow = jnp.sum(selected & ~kept, dtype=jnp.int32)
 
-    action = jax.random.uniform(k_action, codes.shape)
-    random_codes = jax.random.randint(k_random, codes.shape, NUM_SPECIAL, vocab_size, dtype=codes.dtype)
-    corrupted = jnp.where(action < 0.8, MASK, jnp.where(action < 0.9, random_codes, codes))
+    random_codes = NUM_SPECIAL + (code_bits % jnp.uint32(vocab_size - NUM_SPECIAL)).astype(codes.dtype)
+    corrupted = jnp.where(
+        action_bits < jnp.uint32(0.8 * scale),
+        MASK,
+        jnp.where(action_bits < jnp.uint32(0.9 * scale), random_codes, codes),
+    )
     masked_codes = jnp.where(kept, corrupted, codes)
 
     rows = jnp.arange(batch)[:, None]

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ehrjax.config import base_config
 from ehrjax.data.batching import (
     DeviceBatcher,
+    _spread_sorted,
     batch_at,
     bucket_lengths,
     format_padding_report,
@@ -113,15 +114,7 @@ def make_batcher(corpus, mode, **kw) -> DeviceBatcher:
     return DeviceBatcher(corpus, mode=mode, **defaults)
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=200),
-    row_len=st.sampled_from([40, 48, 64, 100]),
-    slots=st.integers(1, 12),
-)
-def test_pack_rows_is_a_valid_packing(lengths, row_len, slots):
-    lengths = np.asarray(lengths)
-    row, slot, start, num_rows = pack_rows(lengths, row_len, slots)
+def check_packing(lengths, row, slot, start, num_rows, row_len, slots):
     assert row.min() == 0 and row.max() == num_rows - 1 and len(np.unique(row)) == num_rows
     np.testing.assert_array_less(np.bincount(row, weights=lengths), row_len + 1)
     assert np.bincount(row).max() <= slots
@@ -132,6 +125,23 @@ def test_pack_rows_is_a_valid_packing(lengths, row_len, slots):
         # Slots are back to back from position 0.
         assert start[members].tolist() == np.concatenate([[0], np.cumsum(lengths[members])[:-1]]).tolist()
     assert num_rows >= -(-lengths.sum() // row_len)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=200),
+    row_len=st.sampled_from([40, 48, 64, 100]),
+    slots=st.integers(1, 12),
+    target=st.floats(0.3, 1.5),
+)
+@example(lengths=[40, 40], row_len=40, slots=1, target=1.5)
+def test_pack_rows_is_a_valid_packing(lengths, row_len, slots, target):
+    lengths = np.asarray(lengths)
+    check_packing(lengths, *pack_rows(lengths, row_len, slots), row_len, slots)
+    # The worst-fit spreading stage alone, at any target row count (its overflow goes to best-fit).
+    ordered = np.sort(lengths)[::-1]
+    num_rows = max(1, int(target * ordered.sum() / row_len))
+    check_packing(ordered, *_spread_sorted(ordered, row_len, slots, num_rows), row_len, slots)
 
 
 @settings(max_examples=25, deadline=None)
