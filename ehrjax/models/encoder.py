@@ -42,7 +42,9 @@ class SelfAttention(nnx.Module):
         self.head_dim = hidden // cfg.num_heads
         self.implementation = cfg.attention_impl
         self.q = LoRADense(hidden, hidden, target="q", dtype=dtype, rngs=rngs)
-        self.k = LoRADense(hidden, hidden, target="k", dtype=dtype, rngs=rngs)
+        # No key bias: it adds q.b_k to every logit of a query, which softmax ignores, so its gradient is
+        # rounding noise that Adam would turn into updates of full learning-rate size.
+        self.k = LoRADense(hidden, hidden, target="k", use_bias=False, dtype=dtype, rngs=rngs)
         self.v = LoRADense(hidden, hidden, target="v", dtype=dtype, rngs=rngs)
         self.o = LoRADense(hidden, hidden, target="o", dtype=dtype, rngs=rngs)
         self.attn_dropout = nnx.Dropout(cfg.attention_dropout)

@@ -36,10 +36,11 @@ class LoRADense(nnx.Linear):
         out_features: int,
         *,
         target: str | None = None,
+        use_bias: bool = True,
         dtype: jnp.dtype | None = None,
         rngs: nnx.Rngs,
     ):
-        super().__init__(in_features, out_features, dtype=dtype, rngs=rngs)
+        super().__init__(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.target = target
         self.lora_rank = 0
         self.lora_scale = 0.0

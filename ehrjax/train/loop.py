@@ -29,9 +29,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ehrjax.data.batching import DATA_AXIS, DeviceBatcher, EpochPlan
-from ehrjax.data.masking import num_mlm_slots
 from ehrjax.data.tasks import TASKS, TaskData, build_task_data
 from ehrjax.data.vocab import Vocab
+from ehrjax.embeddings.io import load_code_table, set_code_table, vocab_token_counts
 from ehrjax.eval.metrics import binary_metrics, mlm_metrics, multilabel_metrics
 from ehrjax.models.behrt import Behrt, load_pretrained
 from ehrjax.train.checkpoint import RunCheckpoints, check_writable, config_mismatch
@@ -40,13 +40,13 @@ from ehrjax.train.optimizer import make_optimizer, param_labels, parameter_repor
 from ehrjax.train.steps import StepConfig, make_eval_step, make_train_step
 
 # arm -> (trainable partitions when fine-tuning, LoRA adapters attached, needs init_from)
+ALL_BASE = ("code_table", "embeddings", "encoder", "head")
 ARMS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
-    "scratch": (("embeddings", "encoder", "head"), False, False),
+    "scratch": (ALL_BASE, False, False),
     "mlm_lora": (("lora", "head"), True, True),
     "med2vec_lora": (("lora", "head"), True, True),
-    "mlm_full": (("embeddings", "encoder", "head"), False, True),
+    "mlm_full": (ALL_BASE, False, True),
 }
-MLM_TRAINABLE = ("embeddings", "encoder", "head")
 DEFAULT_METRIC = {"mlm": "loss", "outcome": "auroc", "next_visit": "aps"}
 
 
@@ -284,6 +284,7 @@ class Trainer:
     val_batcher: DeviceBatcher
     train_step: Any
     eval_step: Any
+    coverage: Any = None  # the import's coverage report when `embeddings_from` is set
 
     @property
     def steps_per_epoch(self) -> int:
@@ -304,7 +305,18 @@ def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab | None = None)
     data = build_task_data(config, task, vocab=vocab)
     model, loaded = _init_model(config, data)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    trainable = MLM_TRAINABLE if task == "mlm" else ARMS[config.arm][0]
+    coverage = None
+    if config.embeddings_from:
+        # An imported table (e.g. Med2Vec) replaces the code embeddings and stays frozen.
+        table, coverage = load_code_table(
+            config.embeddings_from, data.vocab, embed_dim=config.model.embed_dim,
+            code_counts=vocab_token_counts(data.cohort, data.vocab), seed=config.seed,
+        )  # fmt: skip
+        params = set_code_table(params, table)
+    if task == "mlm":
+        trainable = tuple(p for p in ALL_BASE if not (config.embeddings_from and p == "code_table"))
+    else:
+        trainable = ARMS[config.arm][0]
     mesh = make_mesh(config.train.num_devices)
     train_batcher = DeviceBatcher.from_config(
         config.data, data.corpus, seed=config.seed, patients=data.splits["train"], labels=data.labels, mesh=mesh
@@ -318,7 +330,7 @@ def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab | None = None)
         task=task,
         vocab_size=len(data.vocab),
         mask_prob=config.data.mask_prob,
-        mlm_slots=num_mlm_slots(config.data.row_len, config.data.mask_prob, config.data.mlm_slot_factor),
+        mlm_slot_factor=config.data.mlm_slot_factor,
     )
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     if mesh is not None:
@@ -327,7 +339,7 @@ def build_trainer(config: ml_collections.ConfigDict, vocab: Vocab | None = None)
         config=config, data=data, graphdef=graphdef, rest=rest, state=state, trainable=trainable,
         report=parameter_report(params, trainable), loaded=loaded, mesh=mesh, train_batcher=train_batcher,
         val_batcher=val_batcher, train_step=make_train_step(graphdef, rest, tx, step_cfg),
-        eval_step=make_eval_step(graphdef, rest, step_cfg),
+        eval_step=make_eval_step(graphdef, rest, step_cfg), coverage=coverage,
     )  # fmt: skip
 
 
@@ -370,6 +382,9 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
         (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
         data.vocab.save(workdir / "vocab.json")
         (workdir / "metrics.jsonl").unlink(missing_ok=True)
+        if trainer.coverage is not None:
+            trainer.coverage.save(workdir / "embedding_coverage.json")
+            print(trainer.coverage.format())
     frozen_before = [jnp.copy(x) for x in _frozen_leaves(state["params"], trainable)]
 
     logger = _Logger(

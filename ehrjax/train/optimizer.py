@@ -1,8 +1,10 @@
 """Parameter partitions, the partitioned AdamW optimiser that freezes whole partitions, and a size report.
 
-Every parameter is labelled by its path: `embeddings/...` -> `embeddings`, `encoder/...` -> `encoder`,
-`mlm_head/...` and `classifier/...` -> `head`, and any `nnx.LoRAParam` (`lora_a`, `lora_b`, wherever it
-sits) -> `lora`. An arm names the trainable labels; `make_optimizer` builds
+Every parameter is labelled by its path: the code table `embeddings/code/embedding` -> `code_table` (so an
+imported Med2Vec table can be frozen while the other embeddings train), the rest of `embeddings/...` ->
+`embeddings`, `encoder/...` -> `encoder`, `mlm_head/...` and `classifier/...` -> `head`, and any
+`nnx.LoRAParam` (`lora_a`, `lora_b`, wherever it sits) -> `lora`. An arm names the trainable labels;
+`make_optimizer` builds
 
     optax.partition({'trainable': clip + AdamW(schedule), 'frozen': optax.set_to_zero()}, groups)
 
@@ -22,7 +24,8 @@ import ml_collections
 import optax
 from flax import nnx
 
-PARTITIONS: tuple[str, ...] = ("embeddings", "encoder", "lora", "head")
+PARTITIONS: tuple[str, ...] = ("code_table", "embeddings", "encoder", "lora", "head")
+CODE_TABLE: tuple[str, ...] = ("embeddings", "code", "embedding")
 TOP_LEVEL_PARTITION: dict[str, str] = {
     "embeddings": "embeddings",
     "encoder": "encoder",
@@ -58,6 +61,8 @@ def param_label(names: tuple[str, ...], leaf: Any = None) -> str:
     """Partition of the parameter at `names` (e.g. `('encoder', 'layers', '0', 'attn', 'q', 'kernel')`)."""
     if isinstance(leaf, nnx.LoRAParam) or (names and names[-1] in LORA_NAMES):
         return "lora"
+    if tuple(names) == CODE_TABLE:  # its own label, so an imported table can be frozen alone
+        return "code_table"
     if not names or names[0] not in TOP_LEVEL_PARTITION:
         raise ValueError(
             f"parameter {'/'.join(names)!r} has no partition; top-level names must be in {sorted(TOP_LEVEL_PARTITION)}"

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from ehrjax.data.batching import BatchGroup, batch_at
-from ehrjax.data.masking import mask_tokens
+from ehrjax.data.masking import mask_tokens, num_mlm_slots
 from ehrjax.models.behrt import INPUT_KEYS
 
 TrainState = dict[str, Any]  # {'params': nnx.State, 'opt_state': optax state, 'step': int32[]}
@@ -36,12 +36,13 @@ class StepConfig:
     task: str  # 'mlm' | 'outcome' | 'next_visit'
     vocab_size: int
     mask_prob: float = 0.15
-    mlm_slots: int = 32  # masked-position slots per row
+    mlm_slot_factor: float = 1.5  # masked-position slots per row = factor x mask_prob x row length
 
 
 def _mlm_outputs(model: nnx.Module, batch: dict, key: jax.Array, cfg: StepConfig, train_key: jax.Array | None):
+    slots = num_mlm_slots(batch["codes"].shape[1], cfg.mask_prob, cfg.mlm_slot_factor)  # static per shape
     masked, positions, labels, weights, overflow = mask_tokens(
-        key, batch["codes"], vocab_size=cfg.vocab_size, mask_prob=cfg.mask_prob, num_slots=cfg.mlm_slots
+        key, batch["codes"], vocab_size=cfg.vocab_size, mask_prob=cfg.mask_prob, num_slots=slots
     )
     inputs = dict(batch, codes=masked)
     hidden = model.encode(*(inputs[k] for k in INPUT_KEYS), deterministic=train_key is None, rngs=train_key)

@@ -88,10 +88,11 @@ def expected_param_count(
     """BEHRT's parameter count, written from the architecture independently of the model code."""
     E, H, M, L = cfg.embed_dim, cfg.hidden_dim, cfg.mlp_dim, cfg.num_layers
     ages = cfg.max_age_months // cfg.age_bucket_months + 2
-    embeddings = vocab * E + (E * H + H if E != H else 0) + ages * H + 2 * H + 2 * H
+    code_table = vocab * E
+    embeddings = (E * H + H if E != H else 0) + ages * H + 2 * H + 2 * H
     if cfg.position == "learned":
         embeddings += cfg.max_visits * H
-    attention = 4 * (H * H + H)
+    attention = 4 * H * H + 3 * H  # q, k, v, o kernels; biases on q, v, o
     mlp = (H * M + M) + (M * H + H)
     layer_norms = 2 * (2 * H)
     encoder = L * (attention + mlp + layer_norms) + 2 * H
@@ -100,7 +101,13 @@ def expected_param_count(
     classifier = (H * H + H) + (H * num_labels + num_labels) if num_labels else 0
     dims = {"q": (H, H), "k": (H, H), "v": (H, H), "o": (H, H), "mlp_in": (H, M), "mlp_out": (M, H)}
     lora = L * sum(lora_rank * (dims[t][0] + dims[t][1]) for t in lora_targets)
-    return {"embeddings": embeddings, "encoder": encoder, "head": mlm + classifier, "lora": lora}
+    return {
+        "code_table": code_table,
+        "embeddings": embeddings,
+        "encoder": encoder,
+        "head": mlm + classifier,
+        "lora": lora,
+    }
 
 
 def count(model_cfg, vocab: int, **kwargs) -> dict:
@@ -114,14 +121,17 @@ def test_preset_parameter_counts_match_the_formula():
     """Printed with `pytest -s`: parameters per preset for a 1,200-code vocabulary, with rank-8 q/k/v/o LoRA."""
     vocab = 1200
     lora = lora_config()
-    print(f"\n{'preset':<8}{'embeddings':>12}{'encoder':>12}{'mlm head':>12}{'lora r8':>10}{'total':>12}")
+    print(
+        f"\n{'preset':<8}{'code table':>12}{'embeddings':>12}{'encoder':>12}{'mlm head':>12}{'lora r8':>10}"
+        f"{'total':>12}"
+    )
     for preset in MODEL_PRESETS:
         cfg = model_config(preset)
         got = count(cfg, vocab, lora_cfg=lora)
         want = expected_param_count(cfg, vocab, lora_rank=lora.rank, lora_targets=lora.targets)
         assert got == want, preset
         print(
-            f"{preset:<8}{got['embeddings']:>12,}{got['encoder']:>12,}{got['head']:>12,}{got['lora']:>10,}"
+            f"{preset:<8}{got['code_table']:>12,}{got['embeddings']:>12,}{got['encoder']:>12,}{got['head']:>12,}{got['lora']:>10,}"
             f"{sum(got.values()):>12,}"
         )
     assert num_age_buckets(model_config("small")) == 112

@@ -72,7 +72,7 @@ def test_merge_lora_gives_the_unmerged_outputs(tiny_cfg, lora_cfg, scan_layers):
     assert len(jax.tree.leaves(lora_state(model))) == 0
     merged = forward(model, batch, POSITIONS, CLS_INDEX)
     for a, m in zip(adapted, merged, strict=True):
-        np.testing.assert_allclose(m, a, atol=1e-5)
+        np.testing.assert_allclose(m, a, atol=1e-5, rtol=1e-5)
 
 
 def test_merged_model_has_the_plain_model_paths(tiny_cfg, lora_cfg):

@@ -107,6 +107,8 @@ def test_param_labels_by_path_and_type():
                 assert label == "lora"
             elif path[0] in ("mlm_head", "classifier"):
                 assert label == "head"
+            elif tuple(map(str, path)) == ("embeddings", "code", "embedding"):
+                assert label == "code_table"
             else:
                 assert label == path[0]
         assert set(jax.tree.leaves(param_labels(params))) == set(PARTITIONS)
@@ -124,7 +126,7 @@ def test_lora_and_head_training_leaves_frozen_partitions_bitwise_unchanged():
     old, new = labelled(before), labelled(after)
     n_trainable = 0
     for path, (label, value) in old.items():
-        if label in ("embeddings", "encoder"):
+        if label in ("code_table", "embeddings", "encoder"):
             assert np.asarray(value).tobytes() == np.asarray(new[path][1]).tobytes(), path
         else:
             assert not np.array_equal(value, new[path][1]), path  # every trainable leaf moved

@@ -52,8 +52,9 @@ def test_mlm_learns_beyond_chance(smoke_config):
     smoke_config.train.epochs = 6
     result = train(smoke_config)
     vocab_size = len(json.loads((Path(result.workdir) / "vocab.json").read_text())["codes"])
-    print(f"\nMLM held-out: loss {result.val['loss']:.3f} (log V = {np.log(vocab_size):.3f}), "
-          f"top-1 {result.val['top1']:.3f} (chance {1 / vocab_size:.4f}), top-10 {result.val['top10']:.3f}")  # fmt: skip
+    val = result.val
+    print(f"\nMLM held-out: loss {val['loss']:.3f} (log V = {np.log(vocab_size):.3f}), "
+          f"top-1 {val['top1']:.3f} (chance {1 / vocab_size:.4f}), top-10 {val['top10']:.3f}")  # fmt: skip
     assert result.val["loss"] < np.log(vocab_size) - 1.0
     assert result.val["top1"] > 20 / vocab_size
 
