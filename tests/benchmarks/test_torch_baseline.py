@@ -55,6 +55,8 @@ def test_parameter_count_matches_ehrjax(preset):
     vocab = 300
     jax_params = nnx.state(nnx.eval_shape(lambda: Behrt(cfg, vocab, rngs=nnx.Rngs(0))), nnx.Param)
     expected = sum(int(np.prod(x.shape)) for x in nnx.to_flat_state(jax_params).leaves)
+    # torch's MultiheadAttention keeps a key bias, which ehrjax drops (softmax-invariant): hidden per layer.
+    expected += cfg.num_layers * cfg.hidden_dim
     assert tb.count_parameters(tb.TorchBehrt(cfg, vocab)) == expected
 
 
@@ -132,11 +134,20 @@ def test_run_baseline_counts_padded_slots(data, variant):
     out = tb.run_baseline(
         variant, preset="tiny", max_len=MAX_LEN, batch_size=b, steps=steps, warmup=warmup, threads=1, data=data
     )
-    # The same seed replays the same batches: the timed ones follow the warm-up.
-    timed = tb.batch_order(data.lengths, variant, b, np.random.default_rng(0))[warmup : warmup + steps]
+    # The timed batches are the first of an epoch drawn with the seed (warm-up batches have their own stream).
+    timed = tb.batch_order(data.lengths, variant, b, np.random.default_rng(0))[:steps]
     pad_to = [MAX_LEN if variant == "pad_max" else int(data.lengths[x].max()) for x in timed]
     assert out["padded_tokens"] == b * sum(pad_to)
     assert out["real_tokens"] == sum(int(data.lengths[x].sum()) for x in timed)
     assert out["padding_efficiency"] == pytest.approx(out["real_tokens"] / out["padded_tokens"])
     assert len(out["losses"]) == steps and all(math.isfinite(x) for x in out["losses"])
     assert out["step_ms"] > 0 and out["real_tokens_per_s"] > 0
+
+
+def test_run_baseline_steps_zero_is_one_epoch(data):
+    out = tb.run_baseline("sorted", preset="tiny", max_len=MAX_LEN, batch_size=64, steps=0, warmup=0, data=data)
+    n = len(data.patients)
+    assert out["steps"] == n // 64
+    assert out["real_tokens"] == sum(
+        int(data.lengths[x].sum()) for x in tb.batch_order(data.lengths, "sorted", 64, np.random.default_rng(0))
+    )
