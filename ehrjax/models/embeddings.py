@@ -3,7 +3,9 @@
 Parameters (paths under `embeddings/`): `code/embedding` f32[vocab, embed_dim], `proj/{kernel,bias}`
 (only when `embed_dim != hidden_dim`), `age/embedding`, `segment/embedding` f32[2, hidden_dim],
 `position/embedding` (only for `model.position == 'learned'`), `norm/{scale,bias}`. The sinusoidal position
-table is a constant recomputed at trace time, not a parameter: it is frozen by construction.
+table is a constant recomputed at trace time, not a parameter: it is frozen by construction. It is scaled to
+the learned tables' init scale (`POSITION_SCALE`): at unit amplitude it is about 50x the code embedding, and
+after the LayerNorm the code identity starts as a small perturbation of the position signal.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-EMBED_INIT = nnx.initializers.normal(stddev=0.02)
+EMBED_STD = 0.02
+EMBED_INIT = nnx.initializers.normal(stddev=EMBED_STD)
+POSITION_SCALE = EMBED_STD  # see BehrtEmbeddings
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,7 +78,7 @@ class BehrtEmbeddings(nnx.Module):
         x = x + self.segment(visits % 2).astype(self.dtype)
         position = jnp.clip(visits, 0, self.max_visits - 1)
         if self.position is None:
-            table = jnp.asarray(sinusoidal_table(self.max_visits, self.hidden_dim))
+            table = jnp.asarray(sinusoidal_table(self.max_visits, self.hidden_dim)) * POSITION_SCALE
             x = x + jnp.take(table, position, axis=0).astype(self.dtype)
         else:
             x = x + self.position(position).astype(self.dtype)

@@ -56,7 +56,7 @@ def test_mlm_learns_beyond_chance(smoke_config):
     print(f"\nMLM held-out: loss {val['loss']:.3f} (log V = {np.log(vocab_size):.3f}), "
           f"top-1 {val['top1']:.3f} (chance {1 / vocab_size:.4f}), top-10 {val['top10']:.3f}")  # fmt: skip
     assert result.val["loss"] < np.log(vocab_size) - 1.0
-    assert result.val["top1"] > 20 / vocab_size
+    assert result.val["top1"] > 10 / vocab_size
 
 
 def test_outcome_auroc_rises_above_point_seven(smoke_config):
