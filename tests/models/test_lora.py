@@ -20,7 +20,7 @@ def perturb_adapters(model: nnx.Module, seed: int) -> None:
     state = lora_state(model)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    noisy = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     nnx.update(model, jax.tree.unflatten(treedef, noisy))
 
 
