@@ -40,7 +40,7 @@ def bare_tokens_per_s(config, epochs: int) -> tuple[float, float]:
         sums = []
         for k in range(plan.num_batches):
             g, j = (int(x) for x in plan.order[k])
-            state, out = step_fn(state, plan.groups[g], jnp.int32(j), jax.random.fold_in(key, k))
+            state, out = step_fn(state, plan.groups[g], jnp.int32(j), key)
             sums.append(out["real_tokens"])
         total = float(sum(jax.device_get(sums)))
         if epoch:

@@ -5,8 +5,9 @@ directory holds `config.json`, `vocab.json`, `metrics.jsonl` (one JSON object pe
 `checkpoints/{latest,best}` (Orbax) and `export/` (code table, adapters, model, as npz and safetensors).
 
 Exact resume: the data order of epoch e is a function of (seed, e), the PRNG key of step s is
-`fold_in(key(seed), s)`, and the `latest` checkpoint records the epoch and the batch within it; a resumed run
-replays the remaining batches of that epoch and ends bitwise equal to an uninterrupted one (on CPU).
+`fold_in(key(seed), s)` (derived inside the step), and the `latest` checkpoint records the epoch and the
+batch within it; a resumed run replays the remaining batches of that epoch and ends bitwise equal to an
+uninterrupted one (on CPU).
 The host syncs with the device only at log points (`train.log_every`), at checkpoints and at epoch ends.
 """
 
@@ -446,11 +447,9 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
             first = meta["batch"] if epoch == meta["epoch"] else 0
             for k in range(first, plan.num_batches):
                 g, j = (int(x) for x in plan.order[k])
-                step = int(epoch * steps_per_epoch + k)
-                key = jax.random.fold_in(base_key, step)
-                state, sums = train_step(state, plan.groups[g], jnp.int32(j), key)
+                state, sums = train_step(state, plan.groups[g], jnp.int32(j), base_key)
                 pending.append(sums)
-                done = step + 1
+                done = epoch * steps_per_epoch + k + 1
                 if done % config.train.log_every == 0:
                     flush(done, epoch)
                 if done % config.train.checkpoint_every == 0 and k + 1 < plan.num_batches:

@@ -73,9 +73,11 @@ def _classify_outputs(model: nnx.Module, batch: dict, cfg: StepConfig, train_key
 def make_train_step(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, cfg: StepConfig
 ) -> Callable[[TrainState, BatchGroup, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """train_step(state, group, index, key) -> (state, sums); jitted with the state donated.
+    """train_step(state, group, index, base_key) -> (state, sums); jitted with the state donated.
 
-    group: a `BatchGroup` of the epoch plan; index: int32[] batch within it; key: this step's PRNG key.
+    group: a `BatchGroup` of the epoch plan; index: int32[] batch within it; base_key: the run's PRNG key.
+    The step's key is `fold_in(base_key, state['step'])`, derived on the device: masks and dropout are a
+    function of the global step, so a resumed run draws exactly what an uninterrupted one would.
     """
 
     def loss_fn(params: nnx.State, batch: dict, key: jax.Array):
@@ -87,8 +89,9 @@ def make_train_step(
             sums = _classify_outputs(model, batch, cfg, k_dropout)[0]
         return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
 
-    def train_step(state: TrainState, group: BatchGroup, index: jax.Array, key: jax.Array):
+    def train_step(state: TrainState, group: BatchGroup, index: jax.Array, base_key: jax.Array):
         batch = batch_at(group, index)
+        key = jax.random.fold_in(base_key, state["step"])
         (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
