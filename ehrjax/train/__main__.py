@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experiment config file (get_config()).")
@@ -20,6 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experimen
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; keep the console for progress
+        logging.set_verbosity(logging.WARNING)
     from ehrjax.train.loop import TrainingDiverged, train
 
     try:
