@@ -123,4 +123,38 @@ def base_config() -> ml_collections.ConfigDict:
     c.med2vec.l2 = 0.001
     c.med2vec.init_range = 0.0  # 0: Glorot-uniform weights; 0.01: the original's uniform(-0.01, 0.01)
     c.med2vec.seed = 0
+
+    # Throughput profile (python -m ehrjax.profile); --modes / --dtypes / --steps / --warmup override.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.modes = "pack,bucket,pad_max"  # batching modes to profile
+    c.profile.steps = 10  # timed steps per batch shape
+    c.profile.warmup = 2  # untimed steps per batch shape, after the ahead-of-time compile
+    c.profile.trace_steps = 3  # steps inside jax.profiler.trace with --trace
+    c.profile.peak_matmul_size = 2048  # n of the n x n x n jnp.dot that measures a CPU's peak
+    return c
+
+
+def gpu_config(name: str, batch_scale: int = 1) -> ml_collections.ConfigDict:
+    """The `large` preset in bfloat16 on GPU-sized cohorts; `batch_scale` multiplies the A40 batch (48 GB)."""
+    c = base_config()
+    c.name = name
+    c.pretrain.num_patients = 1_000_000 * batch_scale
+    c.finetune.num_patients = 50_000
+    c.data.num_noise_codes = 20_000
+    c.data.max_len = 256
+    c.data.row_len = 512
+    c.data.rows_per_batch = 128 * batch_scale
+    c.data.slots_per_row = 32
+    c.data.tokens_per_batch = 65_536 * batch_scale
+    c.data.batch_size = 128 * batch_scale
+    c.model = model_config("large")
+    c.model.dtype = "bfloat16"
+    c.model.scan_layers = True
+    c.lora.rank = 16
+    c.optim.learning_rate = 5e-4
+    c.optim.warmup_steps = 500
+    c.train.epochs = 10
+    c.train.checkpoint_every = 1000
+    c.train.log_every = 100
+    c.train.max_eval_patients = 20_000
     return c
