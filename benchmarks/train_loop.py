@@ -11,7 +11,6 @@ Target: the loop keeps >= 90% of the bare step's throughput on CPU.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import tempfile
@@ -20,14 +19,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from ehrjax.config import load_config_file
 from ehrjax.train.loop import build_trainer, train
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def bare_tokens_per_s(config, epochs: int) -> tuple[float, float]:
@@ -54,7 +47,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--task", default="mlm")
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = load_config_file(args.config)
     config.task = args.task
     config.train.epochs = args.epochs + 1
     config.train.patience = args.epochs + 1

@@ -6,6 +6,10 @@ given on the command line (`--config.data.row_len=256`). Model size presets foll
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import ml_collections
 
 # embed_dim / hidden_dim / num_layers / num_heads / mlp_dim (the reference study's intermediate size is
@@ -158,3 +162,13 @@ def gpu_config(name: str, batch_scale: int = 1) -> ml_collections.ConfigDict:
     c.train.log_every = 100
     c.train.max_eval_patients = 20_000
     return c
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file such as `configs/cpu.py` (what `--config` loads, for scripts and tests)."""
+    spec = importlib.util.spec_from_file_location(f"ehrjax_config_{Path(path).stem}", path)
+    if spec is None or spec.loader is None or not Path(path).is_file():
+        raise ValueError(f"config file {path}: not a readable Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ehrjax.cli import one_line, parse_flags
 from ehrjax.data.batching import MODES
 from ehrjax.data.masking import num_mlm_slots
 from ehrjax.data.vocab import NUM_SPECIAL
@@ -197,7 +198,7 @@ def profile_mode(
         s["batches_per_epoch"] * flop_model.hardware_flops(s["rows"], s["row_len"], s["mlm_slots_per_row"])
         for s in shapes
     )
-    peak, peak_source = device_peak(dtype, device, profile_settings(cfg)["peak_matmul_size"])
+    peak, peak_source = device_peak(dtype, device, cfg.profile.peak_matmul_size)
     step_s = epoch_s / num_batches
     memories = [s["memory"]["total_bytes"] for s in shapes if s["memory"]]
 
@@ -300,15 +301,7 @@ def write_outputs(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]
 
 # ------------------------------------------------------------------------------------------------- CLI
 
-PROFILE_DEFAULTS: dict[str, Any] = {"modes": ",".join(MODES), "steps": 10, "warmup": 2, "trace_steps": 3,
-                                    "peak_matmul_size": 2048}  # fmt: skip
 _FLAGS: dict[str, Any] = {}
-
-
-def profile_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """`config.profile` over `PROFILE_DEFAULTS` (a config without the section gets the defaults)."""
-    section = config.get("profile")
-    return {k: (section.get(k, v) if section is not None else v) for k, v in PROFILE_DEFAULTS.items()}
 
 
 def _define_flags() -> None:
@@ -324,11 +317,6 @@ def _define_flags() -> None:
     _FLAGS["out"] = flags.DEFINE_string("out", None, "output directory (default results/profile-<config>-<stamp>/).")
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).replace("\\n", " ").replace("\\'", "'").strip("'\"")
-    return " ".join(text.split())
-
-
 def main(argv: list[str]) -> int:
     """The CLI after flag parsing; returns the exit status (2: a one-line configuration error)."""
     if len(argv) > 1:
@@ -337,16 +325,16 @@ def main(argv: list[str]) -> int:
     try:
         config = _FLAGS["config"].value
         config.get("name")  # a config file that failed to load raises here
-        settings = profile_settings(config)
-        modes = parse_list(_FLAGS["modes"].value or settings["modes"], MODES, "--modes")
+        settings = config.profile
+        modes = parse_list(_FLAGS["modes"].value or settings.modes, MODES, "--modes")
         dtypes_text = _FLAGS["dtypes"].value
         dtypes = parse_list(dtypes_text, DTYPES, "--dtypes") if dtypes_text else default_dtypes()
-        steps = settings["steps"] if _FLAGS["steps"].value is None else _FLAGS["steps"].value
-        warmup = settings["warmup"] if _FLAGS["warmup"].value is None else _FLAGS["warmup"].value
+        steps = settings.steps if _FLAGS["steps"].value is None else _FLAGS["steps"].value
+        warmup = settings.warmup if _FLAGS["warmup"].value is None else _FLAGS["warmup"].value
         if steps < 1 or warmup < 0:
             raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     except (OSError, ValueError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(_FLAGS["out"].value or Path("results") / f"profile-{config.name}-{stamp}")
@@ -357,10 +345,10 @@ def main(argv: list[str]) -> int:
             try:
                 results.append(
                     profile_mode(config, mode, dtype, steps, warmup=warmup, trace_dir=_FLAGS["trace"].value,
-                                 trace_steps=settings["trace_steps"])
+                                 trace_steps=settings.trace_steps)
                 )  # fmt: skip
             except ValueError as err:
-                print(f"error: {_one_line(err)}", file=sys.stderr)
+                print(f"error: {one_line(err)}", file=sys.stderr)
                 return 2
     meta = {"config": config.name, "argv": sys.argv, "stamp": stamp, "jax": jax.__version__,
             "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
@@ -371,21 +359,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    from absl import flags
-
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as err:
-        print(f"error: config: {_one_line(err)}", file=sys.stderr)  # unknown --config.key, bad value, no file
-        sys.exit(2)
-
-
 def run() -> None:
     from absl import app
 
     _define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

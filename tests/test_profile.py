@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from ehrjax.config import load_config_file
 from ehrjax.profile import parse_list, profile_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def smoke_config():
-    spec = importlib.util.spec_from_file_location("smoke_config", ROOT / "configs" / "smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(ROOT / "configs" / "smoke.py")
     config.profile.peak_matmul_size = 512  # a quicker CPU peak
     return config
 

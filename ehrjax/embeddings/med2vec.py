@@ -426,18 +426,9 @@ def save_med2vec(path: str | os.PathLike, params: dict[str, Any], vocab: Vocab) 
 
 
 def _load_config(path: str | None) -> ml_collections.ConfigDict:
-    from ehrjax.config import base_config
+    from ehrjax.config import base_config, load_config_file
 
-    if not path:
-        return base_config()
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_med2vec_config", path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"--config {path}: not a Python config file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(path) if path else base_config()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ehrjax.cli import one_line, parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experiment config file (get_config()).")
 
 
@@ -28,7 +30,7 @@ def main(argv: list[str]) -> int:
         config = _CONFIG.value
         config.get("name")  # a config file that failed to load raises here, not at parse time
     except OSError as err:  # the config file could not be loaded
-        print(f"error: config: {_one_line(err)}", file=sys.stderr)
+        print(f"error: config: {one_line(err)}", file=sys.stderr)
         return 2
     if config.train.distributed:
         import jax
@@ -45,21 +47,7 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    app.run(main, flags_parser=_parse_flags)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).replace("\\n", " ").replace("\\'", "'").strip("'\"")
-    return " ".join(text.split())
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as err:
-        # unknown --config.key, bad value, missing config file: one line, exit 2
-        print(f"error: config: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from ehrjax.config import model_config
+from ehrjax.config import load_config_file, model_config
 from ehrjax.data.masking import num_mlm_slots
 from ehrjax.eval.flops import FlopModel, datasheet_peak, device_peak, jaxpr_matmul_flops, mfu
 
@@ -52,10 +51,7 @@ def test_flop_model_matches_the_train_step_jaxpr():
     """Every dot_general of the jitted MLM train step (forward, backward, head) is accounted for exactly."""
     from ehrjax.train.loop import build_trainer
 
-    spec = importlib.util.spec_from_file_location("smoke_config", ROOT / "configs" / "smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config_file(ROOT / "configs" / "smoke.py")
     config.task = "mlm"
     config.pretrain.num_patients = 300
     trainer = build_trainer(config)

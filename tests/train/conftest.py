@@ -1,16 +1,14 @@
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from ehrjax.config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(ROOT / "configs" / f"{name}.py")
 
 
 @pytest.fixture

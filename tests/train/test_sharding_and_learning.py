@@ -13,15 +13,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SHARDED_RUN = textwrap.dedent(
     """
-    import importlib.util, json, sys
+    import sys
     import jax
     assert jax.device_count() == 4, jax.devices()
+    from ehrjax.config import load_config_file
     from ehrjax.train.loop import train
-    spec = importlib.util.spec_from_file_location("smoke", sys.argv[1])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     for devices in (1, 4):
-        config = module.get_config()
+        config = load_config_file(sys.argv[1])
         config.train.epochs = 1
         config.train.num_devices = devices
         config.output_dir = f"{sys.argv[2]}/devices{devices}"
