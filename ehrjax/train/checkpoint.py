@@ -8,7 +8,6 @@ asynchronous and commit atomically, so a run killed mid-save resumes from the la
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -92,20 +91,6 @@ class RunCheckpoints:
     def close(self) -> None:
         self._latest.close()
         self._best.close()
-
-
-def read_meta(directory: str | os.PathLike, which: str = "latest") -> dict[str, Any]:
-    """The `meta` item of the newest complete checkpoint under `directory/which`, without the arrays."""
-    root = Path(directory) / which
-    steps = sorted((int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "meta").is_dir()), reverse=True)
-    for step in steps:
-        for candidate in (root / str(step) / "meta").glob("*"):
-            if candidate.is_file() and candidate.name != "_CHECKPOINT_METADATA":
-                try:
-                    return json.loads(candidate.read_text())
-                except (OSError, json.JSONDecodeError):
-                    continue
-    raise ValueError(f"checkpoint directory {root}: no complete checkpoint")
 
 
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any], keys: tuple[str, ...] = SHAPE_KEYS) -> list[str]:

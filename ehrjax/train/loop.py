@@ -375,8 +375,7 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
     meta: dict[str, Any] = {"epoch": 0, "batch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0}
     resume_step = None
     if config.resume and checkpoints.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, saved_meta = checkpoints.restore(abstract)
+        state, saved_meta = checkpoints.restore(jax.tree.map(_abstract, state))
         meta.update({k: saved_meta[k] for k in meta})
         resume_step = int(state["step"])
     else:
