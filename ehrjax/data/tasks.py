@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ehrjax.data.batching import next_visit_label_space, next_visit_labels, outcome_labels
 from ehrjax.data.cohort import Cohort
+from ehrjax.data.labels import next_visit_label_space, next_visit_labels, outcome_labels
 from ehrjax.data.synthetic import generate_cohort
 from ehrjax.data.tokenize import TokenizedCorpus, tokenize
 from ehrjax.data.vocab import Vocab
