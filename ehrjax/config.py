@@ -12,6 +12,8 @@ from pathlib import Path
 
 import ml_collections
 
+from ehrjax.train.arms import default_arms
+
 # embed_dim / hidden_dim / num_layers / num_heads / mlp_dim (the reference study's intermediate size is
 # 2 x hidden for its presets).
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -83,7 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.train_size = 0  # 0 -> every training patient; k -> the first k (nested labeled-set sizes)
 
     c.task = "mlm"  # 'mlm' | 'outcome' | 'next_visit'
-    c.arm = "scratch"  # 'scratch' | 'mlm_lora' | 'med2vec_lora' | 'mlm_full' (what is trainable, DESIGN §7)
+    c.arm = "scratch"  # a neural arm of `arms` (what a fine-tuning run starts from and trains)
+    c.arms = default_arms()  # name -> code table / encoder source, trainable partitions, LoRA (ehrjax.train.arms)
     c.init_from = ""  # a checkpoint directory of a pre-training run to start from
     c.resume = ""  # a run directory to continue (its config must match)
     c.embeddings_from = ""  # code vectors to import and freeze (Med2Vec .npz, word2vec .txt, .npy, an export)

@@ -323,26 +323,31 @@ def _gather_rows(corpus: DeviceCorpus, patient: jax.Array, cls: jax.Array, row_l
     return batch
 
 
-def _gather(group: BatchGroup, i: jax.Array | int) -> Batch:
-    patient = group.patient_index[i]
-    cls = group.cls_index[i]
-    if group.mesh is None:
-        return _gather_rows(group.corpus, patient, cls, group.row_len)
+def gather_batch(
+    corpus: DeviceCorpus, patient: jax.Array, cls: jax.Array, row_len: int, mesh: Mesh | None = None
+) -> Batch:
+    """One batch from its slots (patient, cls: int32[rows, slots]): a pure gather from the device corpus.
 
-    # On a mesh each device gathers its own rows from its replica of the corpus: no communication but the
-    # sum of real tokens.
+    On a mesh each device gathers its own rows from its replica of the corpus: no communication but the sum
+    of real tokens.
+    """
+    if mesh is None:
+        return _gather_rows(corpus, patient, cls, row_len)
+
     def local(corpus: DeviceCorpus, patient: jax.Array, cls: jax.Array) -> Batch:
-        batch = _gather_rows(corpus, patient, cls, group.row_len)
+        batch = _gather_rows(corpus, patient, cls, row_len)
         batch["num_real_tokens"] = jax.lax.psum(batch["num_real_tokens"], DATA_AXIS)
         return batch
 
     keys = ["codes", "ages", "visits", "segment_ids", "cls_index", "patient_index", "slot_mask"]
-    keys += ["labels"] if group.corpus.labels is not None else []
+    keys += ["labels"] if corpus.labels is not None else []
     out_specs = {k: P(DATA_AXIS) for k in keys} | {"num_real_tokens": P()}
     rows = P(DATA_AXIS)
-    return jax.shard_map(local, mesh=group.mesh, in_specs=(P(), rows, rows), out_specs=out_specs)(
-        group.corpus, patient, cls
-    )
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows), out_specs=out_specs)(corpus, patient, cls)
+
+
+def _gather(group: BatchGroup, i: jax.Array | int) -> Batch:
+    return gather_batch(group.corpus, group.patient_index[i], group.cls_index[i], group.row_len, group.mesh)
 
 
 _gather_jit = jax.jit(_gather)
