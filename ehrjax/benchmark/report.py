@@ -150,6 +150,12 @@ def _mean(values: Iterable[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _best_epoch_median(runs: list[dict[str, Any]]) -> float | None:
+    """Median best epoch over neural runs (others record -1)."""
+    epochs = [r.get("best_epoch") for r in runs]
+    return _median(e for e in epochs if isinstance(e, int | float) and e >= 0)
+
+
 def _paired(a: Replicates, seeds_a: list[int], b: Replicates, seeds_b: list[int]) -> tuple[tuple, list[int]] | None:
     """Paired difference A - B on the seeds both ran (a one-seed arm is broadcast); None if none match."""
     if len(seeds_a) > 1 and len(seeds_b) > 1:
@@ -211,7 +217,7 @@ def _compute(summary: dict[str, Any], loaded: _Loaded, n_boot: int) -> dict[str,
                 "brier": float(np.mean([brier_score(labels, s) for s in loaded.scores[key]])),
                 "oracle_auroc": None if oracle is None else oracle["auroc"],
                 "delta_vs_reference": delta,
-                "best_epoch_median": _median(r.get("best_epoch") for r in runs if r.get("best_epoch", -1) >= 0),
+                "best_epoch_median": _best_epoch_median(runs),
                 "wall_s": _mean(r.get("wall_s") for r in runs),
                 "train_s": _mean(r.get("train_s") for r in runs),
                 "compile_s": _mean(r.get("compile_s") for r in runs),
@@ -235,7 +241,7 @@ def _compute(summary: dict[str, Any], loaded: _Loaded, n_boot: int) -> dict[str,
             "kind": meta.get("kind", "neural"), "description": meta.get("description", ""),
             "embed_dim": meta.get("embed_dim"), "params_total": total, "params_trainable": trainable,
             "trainable_pct": share, "runs": len(runs),
-            "best_epoch_median": _median(r.get("best_epoch") for r in runs if r.get("best_epoch", -1) >= 0),
+            "best_epoch_median": _best_epoch_median(runs),
             "wall_s_mean": _mean(r.get("wall_s") for r in runs),
             "train_s_mean": _mean(r.get("train_s") for r in runs),
             "compile_s_mean": _mean(r.get("compile_s") for r in runs),
