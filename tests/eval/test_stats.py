@@ -178,3 +178,19 @@ def test_bad_metric_and_seed_counts_are_named():
         paired_difference(labels, np.zeros((3, 4)) + np.arange(4), np.zeros((2, 4)) + np.arange(4), n_boot=5)
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_over_patients_and_seeds(labels, np.arange(4.0), n_boot=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    levels=st.lists(st.integers(0, 5), min_size=8, max_size=30),
+    flips=st.lists(st.booleans(), min_size=8, max_size=30),
+    seed=st.integers(0, 2**16),
+)
+def test_interval_depends_only_on_the_order_of_scores_and_self_difference_is_zero(levels, flips, seed):
+    n = min(len(levels), len(flips))
+    labels = np.array(flips[:n], dtype=int)
+    labels[:2] = [0, 1]
+    scores = np.array(levels[:n], dtype=np.float64)
+    got = bootstrap_over_patients_and_seeds(labels, scores, n_boot=40, seed=seed)
+    assert bootstrap_over_patients_and_seeds(labels, 3 * scores - 7, n_boot=40, seed=seed) == got
+    assert paired_difference(labels, scores, 3 * scores - 7, n_boot=40, seed=seed) == (0.0, 0.0, 0.0)
