@@ -16,11 +16,17 @@ Two predictors of a masked code, scored on exactly the masked slots the model is
 
 Top-1 / top-10 use the model's rank convention: rank = number of codes scoring strictly higher than the
 label; a hit at k when rank < k (ties are counted in the label's favour). Losses are in nats per target.
+
+    python -m ehrjax.eval.baselines RUN_DIR [--out FILE]   # a pre-training run's test slots, next to its model
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -31,8 +37,10 @@ from scipy.optimize import brentq
 from ehrjax.data.batching import DeviceBatcher, batch_at
 from ehrjax.data.cohort import ragged_index
 from ehrjax.data.masking import mask_tokens, num_mlm_slots
+from ehrjax.data.tasks import TaskData
 from ehrjax.data.tokenize import TokenizedCorpus
 from ehrjax.data.vocab import NUM_SPECIAL
+from ehrjax.train.steps import EVAL_MASK_SEED
 
 BASELINES: tuple[str, ...] = ("unigram", "copy")
 SUM_KEYS: tuple[str, ...] = ("loss_sum", "correct", "correct_top10", "weight")
@@ -252,26 +260,112 @@ def mlm_baselines(
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _masked_batch(
+    group: Any, index: jax.Array, vocab_size: int, mask_prob: float, slot_factor: float
+) -> dict[str, jax.Array]:
+    batch = batch_at(group, index)
+    slots = num_mlm_slots(batch["codes"].shape[1], mask_prob, slot_factor)
+    key = jax.random.fold_in(jax.random.key(EVAL_MASK_SEED), index)
+    codes, positions, labels, weights, _ = mask_tokens(
+        key, batch["codes"], vocab_size=vocab_size, mask_prob=mask_prob, num_slots=slots
+    )
+    return {"masked_codes": codes, "segment_ids": batch["segment_ids"], "positions": positions,
+            "labels": labels, "weights": weights}  # fmt: skip
+
+
 def eval_mlm_batches(
     batcher: DeviceBatcher, vocab_size: int, mask_prob: float, slot_factor: float
 ) -> Iterator[dict[str, jax.Array]]:
     """The masked batches the MLM evaluation scores, in its order: the fixed plan `plan_epoch(0,
     shuffle=False)`, batch `j` of a group masked with `fold_in(key(EVAL_MASK_SEED), j)` and the step's
     `mask_tokens` / `num_mlm_slots` settings. Yields dicts of `BATCH_KEYS` arrays."""
-    from ehrjax.train.steps import EVAL_MASK_SEED
-
-    @jax.jit
-    def masked(group: Any, index: jax.Array) -> dict[str, jax.Array]:
-        batch = batch_at(group, index)
-        slots = num_mlm_slots(batch["codes"].shape[1], mask_prob, slot_factor)
-        key = jax.random.fold_in(jax.random.key(EVAL_MASK_SEED), index)
-        codes, positions, labels, weights, _ = mask_tokens(
-            key, batch["codes"], vocab_size=vocab_size, mask_prob=mask_prob, num_slots=slots
-        )
-        return {"masked_codes": codes, "segment_ids": batch["segment_ids"], "positions": positions,
-                "labels": labels, "weights": weights}  # fmt: skip
-
     plan = batcher.plan_epoch(0, shuffle=False)
     for k in range(plan.num_batches):
         g, j = (int(x) for x in plan.order[k])
-        yield masked(plan.groups[g], jnp.int32(j))
+        yield _masked_batch(plan.groups[g], jnp.int32(j), vocab_size, mask_prob, slot_factor)
+
+
+def run_mlm_baselines(data: TaskData, data_cfg: Any, *, seed: int, max_val_patients: int) -> dict[str, Any]:
+    """Both baselines for an MLM task's data, on the slots its run evaluates: λ fitted on the first
+    `max_val_patients` validation patients (the run's validation set), scored on every test patient (the
+    run's test evaluation); unigram counts from the training split. data_cfg: the `data` config section
+    (batching, mask_prob, mlm_slot_factor) the run used."""
+    if data.task != "mlm":
+        raise ValueError(f"run_mlm_baselines: expected the 'mlm' task's data, got {data.task!r}")
+    vocab_size = len(data.vocab)
+    log_unigram = unigram_log_probs(token_counts(data.corpus, data.splits["train"], vocab_size))
+    val = DeviceBatcher.from_config(data_cfg, data.corpus, seed=seed, patients=data.splits["val"][:max_val_patients])
+    test = DeviceBatcher.from_config(
+        data_cfg, data.corpus, seed=seed, patients=data.splits["test"], device_corpus=val.corpus
+    )
+    settings = (vocab_size, data_cfg.mask_prob, data_cfg.mlm_slot_factor)
+    return mlm_baselines(eval_mlm_batches(val, *settings), eval_mlm_batches(test, *settings), log_unigram)
+
+
+def last_test_eval(metrics_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The last `eval` record of split `test` in a run's metrics.jsonl, or None."""
+    found = None
+    for line in Path(metrics_path).read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("event") == "eval" and record.get("split") == "test":
+            found = record
+    return found
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Model (when known) and baselines as an aligned text table: loss (nats per target), top-1, top-10."""
+    lines = [f"{'predictor':<10} {'loss':>7} {'top1':>7} {'top10':>7}  note"]
+    for name in ("model", *BASELINES):
+        r = result.get(name)
+        if r is None:
+            continue
+        note = f"λ = {r['lambda']:.4f}" if "lambda" in r else ""
+        lines.append(f"{name:<10} {r['loss']:>7.4f} {r['top1']:>7.4f} {r['top10']:>7.4f}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ehrjax.eval.baselines RUN_DIR [--out FILE]`: the MLM baselines of a pre-training run's
+    held-out slots, next to the run's own test evaluation from its metrics.jsonl."""
+    import argparse
+    import sys
+
+    import ml_collections
+
+    from ehrjax.data.tasks import build_task_data
+    from ehrjax.data.vocab import Vocab
+
+    parser = argparse.ArgumentParser(prog="python -m ehrjax.eval.baselines", description=main.__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="also write the result as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        for name in ("config.json", "vocab.json"):
+            if not (args.run_dir / name).is_file():
+                raise ValueError(f"run {args.run_dir}: no {name}; not an ehrjax run directory")
+        config = ml_collections.ConfigDict(json.loads((args.run_dir / "config.json").read_text()))
+        if config.task != "mlm":
+            raise ValueError(f"run {args.run_dir}: a {config.task!r} run; expected an MLM pre-training run")
+        data = build_task_data(config, "mlm", vocab=Vocab.load(args.run_dir / "vocab.json"))
+        result: dict[str, Any] = run_mlm_baselines(
+            data, config.data, seed=config.seed, max_val_patients=config.train.max_eval_patients
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metrics = args.run_dir / "metrics.jsonl"
+    model = last_test_eval(metrics) if metrics.is_file() else None
+    if model is not None:
+        result["model"] = {k: model[k] for k in ("loss", "top1", "top10", "n") if k in model}
+    print(format_table(result))
+    if args.out is not None:
+        text = json.dumps(result, indent=2, default=float)
+        tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

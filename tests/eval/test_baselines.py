@@ -20,7 +20,9 @@ from ehrjax.eval.baselines import (
     copy_statistics,
     eval_mlm_batches,
     fit_copy_lambda,
+    main,
     mlm_baselines,
+    run_mlm_baselines,
     token_counts,
     unigram_log_probs,
 )
@@ -178,6 +180,15 @@ def test_eval_mlm_batches_are_the_batches_the_evaluation_scores():
         np.testing.assert_array_equal(batch["weights"], theirs["weights"])
     counts = token_counts(data.corpus, data.splits["train"], vocab_size)
     assert counts.sum() == data.corpus.lengths[data.splits["train"]].sum()
-    out = mlm_baselines(ours, ours, unigram_log_probs(counts))
-    assert out["unigram"]["loss"] > out["copy"]["loss"] > 0
-    assert 0 <= out["unigram"]["top1"] <= out["unigram"]["top10"] <= 1
+    test = DeviceBatcher.from_config(config.data, data.corpus, seed=0, patients=data.splits["test"])
+    settings = (vocab_size, config.data.mask_prob, config.data.mlm_slot_factor)
+    expected = mlm_baselines(ours, eval_mlm_batches(test, *settings), unigram_log_probs(counts))
+    assert expected["unigram"]["loss"] > expected["copy"]["loss"] > 0
+    assert 0 <= expected["unigram"]["top1"] <= expected["unigram"]["top10"] <= 1
+    assert run_mlm_baselines(data, config.data, seed=0, max_val_patients=1000) == expected
+
+
+def test_cli_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: run") and "no config.json" in err

@@ -13,6 +13,7 @@ from flax import nnx
 
 from ehrjax.config import load_config_file
 from ehrjax.data.tasks import build_task_data
+from ehrjax.eval.baselines import main as baselines_main
 from ehrjax.eval.probe import (
     ARMS,
     format_table,
@@ -132,3 +133,10 @@ def test_cli_probes_a_pretrained_run(tmp_path):
         assert 0 <= arm["auroc"] <= 1 and arm["ci_low"] <= arm["auroc"] <= arm["ci_high"]
     assert result["arms"]["pretrained"] != result["arms"]["random"]
     assert "bag_of_codes" in proc.stdout
+    # The MLM baselines of the same run's test slots, next to the model's own test evaluation.
+    out = tmp_path / "baselines.json"
+    assert baselines_main([str(tmp_path / "mlm"), "--out", str(out)]) == 0
+    scores = json.loads(out.read_text())
+    assert set(scores) == {"unigram", "copy", "model"}
+    assert scores["unigram"]["n"] == scores["copy"]["n"] == scores["model"]["n"]
+    assert scores["copy"]["loss"] < scores["unigram"]["loss"]
