@@ -23,7 +23,7 @@ from ehrjax.data.cohort import ragged_index
 from ehrjax.data.tokenize import TokenizedCorpus
 from ehrjax.data.vocab import NUM_SPECIAL
 
-DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+DEFAULT_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 MONTHS_PER_DECADE = 120.0
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from sklearn.metrics import roc_auc_score
 
 from ehrjax.data.batching import DeviceBatcher, batch_at
 from ehrjax.data.tasks import TaskData
@@ -90,6 +91,27 @@ def patient_representations(
     return out[patients]
 
 
+def paired_auroc_difference(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """AUROC(a) - AUROC(b) on the same patients, with a 95% percentile bootstrap interval from resampling
+    patients once for both scorers (paired: the shared noise of the test set cancels, so the interval is
+    much narrower than the two separate ones). Resamples with one class only are skipped."""
+    labels = np.asarray(labels)
+    scores_a, scores_b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    if not (len(labels) == len(scores_a) == len(scores_b)):
+        raise ValueError(f"labels and scores disagree in length: {len(labels)}, {len(scores_a)}, {len(scores_b)}")
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(labels), len(labels))
+        if 0 < labels[idx].sum() < len(idx):
+            deltas.append(roc_auc_score(labels[idx], scores_a[idx]) - roc_auc_score(labels[idx], scores_b[idx]))
+    delta = float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b))
+    low, high = np.percentile(deltas, [2.5, 97.5]) if deltas else (np.nan, np.nan)
+    return {"delta": delta, "ci_low": float(low), "ci_high": float(high)}
+
+
 def _score(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
     metrics = binary_metrics(labels, scores)
     low, high = bootstrap_ci(labels, scores, "auroc", n_boot=n_boot, seed=seed)
@@ -97,12 +119,13 @@ def _score(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> di
 
 
 def _probe_arm(features: np.ndarray, y: np.ndarray, rows: dict[str, np.ndarray], cs: Sequence[float], *,
-               standardize: bool, n_boot: int, seed: int) -> dict[str, float]:  # fmt: skip
-    """Logistic regression on `features` (rows aligned with `y`; `rows` = positions of each split)."""
+               standardize: bool, n_boot: int, seed: int) -> tuple[dict[str, float], np.ndarray]:  # fmt: skip
+    """Logistic regression on `features` (rows aligned with `y`; `rows` = positions of each split): its test
+    metrics and test probabilities."""
     fit = fit_logreg(features[rows["train"]], y[rows["train"]], features[rows["val"]], y[rows["val"]], cs,
                      standardize=standardize)  # fmt: skip
     scores = fit.predict_proba(features[rows["test"]])
-    return {**_score(y[rows["test"]], scores, n_boot, seed), "C": fit.C, "val_auroc": fit.val_auroc}
+    return {**_score(y[rows["test"]], scores, n_boot, seed), "C": fit.C, "val_auroc": fit.val_auroc}, scores
 
 
 def run_probe(
@@ -120,7 +143,8 @@ def run_probe(
 
     task_data: `build_task_data(config, 'outcome', vocab=<the pre-training vocabulary>)`; data_cfg: the
     `data` config section (packing sizes). Returns {'n': {split: patients}, 'prevalence_test', 'feature_dim',
-    'arms': {arm: {'auroc', 'ci_low', 'ci_high', 'ap', and 'C', 'val_auroc' for fitted arms}}}.
+    'arms': {arm: {'auroc', 'ci_low', 'ci_high', 'ap', and 'C', 'val_auroc' for fitted arms}},
+    'differences': {'pretrained - <arm>': {'delta', 'ci_low', 'ci_high'}} (paired bootstrap, same resamples)}.
     """
     if task_data.task != "outcome":
         raise ValueError(f"run_probe: expected the 'outcome' task's data, got {task_data.task!r}")
@@ -142,13 +166,18 @@ def run_probe(
     common = dict(n_boot=n_boot, seed=seed)
 
     arms: dict[str, dict[str, float]] = {}
+    scores: dict[str, np.ndarray] = {}
     for name, model in (("pretrained", pretrained), ("random", random_model)):
         features = patient_representations(model, task_data.corpus, patients, data_cfg, seed)
-        arms[name] = _probe_arm(features, y, rows, cs, standardize=True, **common)
+        arms[name], scores[name] = _probe_arm(features, y, rows, cs, standardize=True, **common)
     bag = bag_of_codes_features(task_data.corpus, patients, vocab_size, sex=task_data.cohort.sex[patients])
-    arms["bag_of_codes"] = _probe_arm(bag, y, rows, cs, standardize=False, **common)
-    oracle = np.asarray(task_data.cohort.labels["outcome_p"], dtype=np.float64)[patients[rows["test"]]]
-    arms["oracle"] = _score(y_test, oracle, **common)
+    arms["bag_of_codes"], scores["bag_of_codes"] = _probe_arm(bag, y, rows, cs, standardize=False, **common)
+    scores["oracle"] = np.asarray(task_data.cohort.labels["outcome_p"], dtype=np.float64)[patients[rows["test"]]]
+    arms["oracle"] = _score(y_test, scores["oracle"], **common)
+    differences = {
+        f"pretrained - {other}": paired_auroc_difference(y_test, scores["pretrained"], scores[other], **common)
+        for other in ("random", "bag_of_codes", "oracle")
+    }
     return {
         "task": "outcome",
         "n": dict(zip(SPLITS, sizes, strict=True)),
@@ -156,6 +185,7 @@ def run_probe(
         "feature_dim": 2 * int(model_cfg.hidden_dim),
         "n_boot": n_boot,
         "arms": arms,
+        "differences": differences,
     }
 
 
@@ -172,6 +202,8 @@ def format_table(result: dict[str, Any]) -> str:
         val = f"{arm['val_auroc']:>10.3f}" if "val_auroc" in arm else f"{'':>10}"
         ci = f"[{arm['ci_low']:.3f}, {arm['ci_high']:.3f}]"
         lines.append(f"{name:<14} {arm['auroc']:>7.3f} {ci:>17} {arm['ap']:>7.3f} {c} {val}")
+    for name, d in result.get("differences", {}).items():
+        lines.append(f"{name:<27} {d['delta']:>+7.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] (paired bootstrap)")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from sklearn.metrics import roc_auc_score
 
 from ehrjax.config import load_config_file
 from ehrjax.data.tasks import build_task_data
@@ -18,6 +19,7 @@ from ehrjax.eval.probe import (
     ARMS,
     format_table,
     load_pretrained_run,
+    paired_auroc_difference,
     patient_representations,
     pool_segments,
     run_probe,
@@ -71,6 +73,8 @@ def test_probe_of_an_untrained_encoder_equals_the_random_arm(smoke):
         assert 0 <= arm["auroc"] <= 1
         assert arm["ci_low"] <= arm["auroc"] <= arm["ci_high"]
     assert result["arms"]["pretrained"] == result["arms"]["random"]
+    assert result["differences"]["pretrained - random"] == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    assert set(result["differences"]) == {"pretrained - random", "pretrained - bag_of_codes", "pretrained - oracle"}
     assert result["arms"]["oracle"]["auroc"] > 0.6
     assert "pretrained" in format_table(result) and "oracle" in format_table(result)
 
@@ -140,3 +144,17 @@ def test_cli_probes_a_pretrained_run(tmp_path):
     assert set(scores) == {"unigram", "copy", "model"}
     assert scores["unigram"]["n"] == scores["copy"]["n"] == scores["model"]["n"]
     assert scores["copy"]["loss"] < scores["unigram"]["loss"]
+
+
+def test_paired_auroc_difference():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    perfect = labels + 0.1 * rng.random(300)
+    noise = rng.random(300)
+    same = paired_auroc_difference(labels, noise, noise, n_boot=100)
+    assert same == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    better = paired_auroc_difference(labels, perfect, noise, n_boot=100)
+    assert better["delta"] == pytest.approx(1.0 - roc_auc_score(labels, noise))
+    assert 0 < better["ci_low"] <= better["delta"] <= better["ci_high"]
+    with pytest.raises(ValueError, match="disagree in length"):
+        paired_auroc_difference(labels, perfect[:10], noise)
