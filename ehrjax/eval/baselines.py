@@ -36,11 +36,10 @@ from scipy.optimize import brentq
 
 from ehrjax.data.batching import DeviceBatcher, batch_at
 from ehrjax.data.cohort import ragged_index
-from ehrjax.data.masking import mask_tokens, num_mlm_slots
 from ehrjax.data.tasks import TaskData
 from ehrjax.data.tokenize import TokenizedCorpus
 from ehrjax.data.vocab import NUM_SPECIAL
-from ehrjax.train.steps import EVAL_MASK_SEED
+from ehrjax.train.steps import StepConfig, eval_mask_key, mlm_targets
 
 BASELINES: tuple[str, ...] = ("unigram", "copy")
 SUM_KEYS: tuple[str, ...] = ("loss_sum", "correct", "correct_top10", "weight")
@@ -260,30 +259,27 @@ def mlm_baselines(
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
 def _masked_batch(
-    group: Any, index: jax.Array, vocab_size: int, mask_prob: float, slot_factor: float
+    group: Any, j: jax.Array, k: jax.Array, vocab_size: int, mask_prob: float, slot_factor: float
 ) -> dict[str, jax.Array]:
-    batch = batch_at(group, index)
-    slots = num_mlm_slots(batch["codes"].shape[1], mask_prob, slot_factor)
-    key = jax.random.fold_in(jax.random.key(EVAL_MASK_SEED), index)
-    codes, positions, labels, weights, _ = mask_tokens(
-        key, batch["codes"], vocab_size=vocab_size, mask_prob=mask_prob, num_slots=slots
-    )
-    return {"masked_codes": codes, "segment_ids": batch["segment_ids"], "positions": positions,
-            "labels": labels, "weights": weights}  # fmt: skip
+    batch = batch_at(group, j)
+    cfg = StepConfig(task="mlm", vocab_size=vocab_size, mask_prob=mask_prob, mlm_slot_factor=slot_factor)
+    targets = mlm_targets(eval_mask_key(k), batch, cfg)
+    return {"masked_codes": targets["masked_codes"], "segment_ids": batch["segment_ids"],
+            "positions": targets["positions"], "labels": targets["labels"], "weights": targets["weights"]}  # fmt: skip
 
 
 def eval_mlm_batches(
     batcher: DeviceBatcher, vocab_size: int, mask_prob: float, slot_factor: float
 ) -> Iterator[dict[str, jax.Array]]:
     """The masked batches the MLM evaluation scores, in its order: the fixed plan `plan_epoch(0,
-    shuffle=False)`, batch `j` of a group masked with `fold_in(key(EVAL_MASK_SEED), j)` and the step's
-    `mask_tokens` / `num_mlm_slots` settings. Yields dicts of `BATCH_KEYS` arrays."""
+    shuffle=False)`, its `k`-th batch masked with `eval_mask_key(k)` and the step's `mlm_targets` settings
+    (`ehrjax.train.steps`). Yields dicts of `BATCH_KEYS` arrays."""
     plan = batcher.plan_epoch(0, shuffle=False)
     for k in range(plan.num_batches):
         g, j = (int(x) for x in plan.order[k])
-        yield _masked_batch(plan.groups[g], jnp.int32(j), vocab_size, mask_prob, slot_factor)
+        yield _masked_batch(plan.groups[g], jnp.int32(j), jnp.int32(k), vocab_size, mask_prob, slot_factor)
 
 
 def run_mlm_baselines(data: TaskData, data_cfg: Any, *, seed: int, max_val_patients: int) -> dict[str, Any]:

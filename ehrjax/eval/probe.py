@@ -224,7 +224,7 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 def load_pretrained_run(run_dir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Vocab, nnx.State]:
     """(model config, vocabulary, parameters) of an MLM pre-training run directory: its `config.json`,
     `vocab.json` and the `best` checkpoint (`latest` if it has no best)."""
-    from ehrjax.train.checkpoint import RunCheckpoints
+    from ehrjax.train.pretrained import load_pretrained_run as load_run
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -235,15 +235,7 @@ def load_pretrained_run(run_dir: str | os.PathLike) -> tuple[ml_collections.Conf
     saved = json.loads((run / "config.json").read_text())
     if saved.get("task") != "mlm":
         raise ValueError(f"init_from {run}: a {saved.get('task')!r} run; the probe reads an MLM pre-training run")
-    model_cfg = ml_collections.ConfigDict(saved["model"])
-    vocab = Vocab.load(run / "vocab.json")
     if not (run / "checkpoints").is_dir():
         raise ValueError(f"init_from {run}: no checkpoints/ folder")
-    template = nnx.eval_shape(lambda: Behrt(model_cfg, len(vocab), mlm_head=True, rngs=nnx.Rngs(params=0)))
-    checkpoints = RunCheckpoints(run / "checkpoints")
-    try:
-        which = "best" if checkpoints.best_step() is not None else "latest"
-        params = checkpoints.restore_params(nnx.state(template, nnx.Param), which=which)
-    finally:
-        checkpoints.close()
-    return model_cfg, vocab, params
+    loaded = load_run(run)
+    return loaded.model_cfg, loaded.vocab, loaded.params

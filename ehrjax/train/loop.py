@@ -23,6 +23,7 @@ import numpy as np
 from ehrjax.data.tasks import TASKS, TaskData, build_task_data
 from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, vocab_token_counts
+from ehrjax.eval.baselines import format_table, run_mlm_baselines
 from ehrjax.train.arms import EVERYTHING, Arm, arm_from_config, arm_lora_config
 from ehrjax.train.checkpoint import RunCheckpoints, check_writable, config_mismatch
 from ehrjax.train.export import CODE_TABLE_PATH, export_adapters, export_code_table, export_model
@@ -235,6 +236,11 @@ def finish_run(
     log.log({"event": "eval", "split": "test", "step": result.steps[seed_index],
              "epoch": result.best_epoch[seed_index], **test[seed_index],
              "wall_s": time.perf_counter() - start_time})  # fmt: skip
+    if task == "mlm":
+        baselines = mlm_baselines_of(trainer)
+        log.log({"event": "baselines", "split": "test", "step": result.steps[seed_index], **baselines})
+        test[seed_index]["baselines"] = baselines
+        print(format_table({"model": test[seed_index], **baselines}))
     params = unstack(best, seed_index)
     if is_writer():
         if task != "mlm":
@@ -253,6 +259,13 @@ def finish_run(
         compiles=result.compiles,
         predictions={k: (v[seed_index] if k in ("logits", "probability") else v) for k, v in predictions.items()},
     )  # fmt: skip
+
+
+def mlm_baselines_of(trainer: Trainer) -> dict[str, dict[str, float]]:
+    """The unigram and copy-mixture baselines on exactly the held-out slots the trainer's MLM evaluation scores
+    (λ fitted on its validation patients, scored on its test patients)."""
+    return run_mlm_baselines(trainer.data, trainer.data_cfg, seed=trainer.seeds[0],
+                             max_val_patients=len(trainer.val_batcher.patients))  # fmt: skip
 
 
 def run_predictions(

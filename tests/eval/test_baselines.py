@@ -7,12 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ehrjax.data.batching import DeviceBatcher
-from ehrjax.data.tasks import build_task_data
 from ehrjax.data.vocab import CLS, MASK, NUM_SPECIAL, PAD, SEP
 from ehrjax.eval.baselines import (
     baseline_sums,
@@ -158,26 +156,24 @@ def test_mlm_baselines_fits_lambda_on_validation_and_scores_test():
 
 def test_eval_mlm_batches_are_the_batches_the_evaluation_scores():
     from ehrjax.config import load_config_file
-    from ehrjax.models.behrt import Behrt
-    from ehrjax.train.steps import StepConfig, make_eval_step
+    from ehrjax.train.loop import build_run_trainer
 
     config = load_config_file(ROOT / "configs" / "smoke.py")
     config.pretrain.num_patients = 400
-    data = build_task_data(config, "mlm")
-    batcher = DeviceBatcher.from_config(config.data, data.corpus, seed=0, patients=data.splits["val"])
+    trainer = build_run_trainer(config)[0]
+    data = trainer.data
+    batcher = trainer.val_batcher
     vocab_size = len(data.vocab)
-    model = Behrt(config.model, vocab_size, rngs=nnx.Rngs(params=0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    step_cfg = StepConfig("mlm", vocab_size, config.data.mask_prob, config.data.mlm_slot_factor)
-    eval_step = make_eval_step(graphdef, rest, step_cfg)
     plan = batcher.plan_epoch(0, shuffle=False)
     ours = list(eval_mlm_batches(batcher, vocab_size, config.data.mask_prob, config.data.mlm_slot_factor))
     assert len(ours) == plan.num_batches
-    for k, batch in enumerate(ours):
+    for k, batch in enumerate(ours):  # the targets the trainer's evaluation masks, batch by batch
         g, j = (int(x) for x in plan.order[k])
-        theirs = eval_step(params, plan.groups[g], jnp.int32(j))
-        np.testing.assert_array_equal(batch["labels"], theirs["labels"])
-        np.testing.assert_array_equal(batch["weights"], theirs["weights"])
+        group = plan.groups[g]
+        theirs = trainer.mlm_targets_step(group.row_len)(trainer.corpus, group.patient_index[j],
+                                                         group.cls_index[j], jnp.int32(k))  # fmt: skip
+        for key in ("masked_codes", "positions", "labels", "weights", "segment_ids"):
+            np.testing.assert_array_equal(batch[key], theirs[key])
     counts = token_counts(data.corpus, data.splits["train"], vocab_size)
     assert counts.sum() == data.corpus.lengths[data.splits["train"]].sum()
     test = DeviceBatcher.from_config(config.data, data.corpus, seed=0, patients=data.splits["test"])
