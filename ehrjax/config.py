@@ -130,6 +130,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.med2vec.l2 = 0.001
     c.med2vec.init_range = 0.0  # 0: Glorot-uniform weights; 0.01: the original's uniform(-0.01, 0.01)
     c.med2vec.seed = 0
+    c.med2vec.path = ""  # the benchmark: a user's Med2Vec (or any importer format) file instead of training one
+    c.med2vec.codes_path = ""  # its code map when not beside it (e.g. the original tool's X.types)
+    c.med2vec.allow_pickle = False  # read a pickled .types map (only with this explicit opt-in)
+
+    # The study (python -m ehrjax.benchmark): lists are comma-separated so they override easily on the CLI.
+    c.benchmark = ml_collections.ConfigDict()
+    c.benchmark.arms = "logreg,scratch,mlm_emb,med2vec_emb,mlm_lora,med2vec_lora,mlm_full,oracle"
+    c.benchmark.train_sizes = "250,1000,4000"  # nested prefixes of the fine-tuning training split
+    c.benchmark.seeds = "0,1,2"  # the seeds of a neural arm train together (vmapped)
+    c.benchmark.pretrain_epochs = 8  # both MLM pre-trainings (learned table, frozen Med2Vec table)
+    c.benchmark.finetune_epochs = 10
+    c.benchmark.finetune_patience = 3
+    c.benchmark.finetune_rows_per_batch = 8  # fine-tuning batches (rows of data.row_len); small sets need steps
+    c.benchmark.probe = True
+    c.benchmark.n_boot = 1000  # bootstrap replicates of every CI
+    c.benchmark.cuts = ""  # plain-language note of what a reduced config cut, shown in the report
 
     # Throughput profile (python -m ehrjax.profile); --modes / --dtypes / --steps / --warmup override.
     c.profile = ml_collections.ConfigDict()

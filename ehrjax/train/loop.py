@@ -128,10 +128,12 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
         raise ValueError(f"resume {workdir}: checkpoint was made with a different config ({', '.join(diffs[:5])})")
 
 
-def _code_table(path: str, data: TaskData, embed_dim: int, seed: int) -> tuple[np.ndarray, Any]:
-    """An embedding file as the model's code table (rows = vocab ids) and its coverage report."""
-    return load_code_table(path, data.vocab, embed_dim=embed_dim, code_counts=vocab_token_counts(data.cohort,
-                           data.vocab), seed=seed)  # fmt: skip
+def _code_table(path: str, data: TaskData, config: ml_collections.ConfigDict) -> tuple[np.ndarray, Any]:
+    """An embedding file as the model's code table (rows = vocab ids) and its coverage report; the code map and
+    pickle opt-in of `med2vec.codes_path` / `med2vec.allow_pickle` apply."""
+    return load_code_table(path, data.vocab, embed_dim=config.model.embed_dim,
+                           codes_path=config.med2vec.codes_path or None, allow_pickle=config.med2vec.allow_pickle,
+                           code_counts=vocab_token_counts(data.cohort, data.vocab), seed=config.seed)  # fmt: skip
 
 
 def pretrained_table(run: PretrainedRun) -> np.ndarray:
@@ -163,13 +165,12 @@ def build_run_trainer(
     arm = Arm("mlm", trainable=EVERYTHING) if task == "mlm" else arm_from_config(config.arm, config.arms)
     table_path = config.embeddings_from or (arm.code_table if arm.table_from_file else "")
     code_table = coverage = None
-    if table_path:
-        code_table, coverage = _code_table(table_path, data, config.model.embed_dim, config.seed)
-    elif arm.code_table == "mlm" and run is not None:
-        code_table = pretrained_table(run)
     trainable = arm.trainable
-    if code_table is not None:  # an imported or pre-trained table stays frozen
+    if table_path:  # an imported table stays frozen
+        code_table, coverage = _code_table(table_path, data, config)
         trainable = tuple(p for p in trainable if p != "code_table")
+    elif arm.code_table == "mlm" and run is not None and not arm.pretrained_run:
+        code_table = pretrained_table(run)  # the learned table alone (a pre-trained encoder carries its own)
     pretrained = run.params if (run is not None and arm.pretrained_run) else None
     trainer = build_trainer(
         data, model_cfg=config.model, optim_cfg=config.optim, data_cfg=config.data, trainable=trainable,
