@@ -157,6 +157,20 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def cpu_config(name: str = "cpu") -> ml_collections.ConfigDict:
+    """The `small` preset on cohorts that train in minutes on 2 CPU cores."""
+    c = base_config()
+    c.name = name
+    c.pretrain.num_patients = 20_000
+    c.finetune.num_patients = 6_000
+    c.data.max_len = 128
+    c.data.row_len = 128
+    c.data.rows_per_batch = 32
+    c.data.slots_per_row = 16
+    c.train.epochs = 8
+    return c
+
+
 def gpu_config(name: str, batch_scale: int = 1) -> ml_collections.ConfigDict:
     """The `large` preset in bfloat16 on GPU-sized cohorts; `batch_scale` multiplies the A40 batch (48 GB)."""
     c = base_config()
@@ -180,6 +194,11 @@ def gpu_config(name: str, batch_scale: int = 1) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.log_every = 100
     c.train.max_eval_patients = 20_000
+    c.benchmark.train_sizes = "250,1000,4000,16000"
+    c.benchmark.seeds = "0,1,2,3,4"
+    c.benchmark.pretrain_epochs = 10
+    c.benchmark.finetune_epochs = 10
+    c.benchmark.finetune_rows_per_batch = 32
     return c
 
 

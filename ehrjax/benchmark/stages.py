@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ehrjax.benchmark.grid import ArmInputs, run_logreg_cell, run_neural_cell, run_oracle_cell
 from ehrjax.benchmark.manifest import Manifest, cohort_fingerprint, patient_hashes, save_patient_hashes
 from ehrjax.data.batching import to_device
+from ehrjax.data.labels import outcome_labels
 from ehrjax.data.tasks import TaskData, make_task_data, task_cohort
 from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, read_code_vectors, vocab_token_counts
@@ -120,6 +121,13 @@ class Benchmark:
         self.programs = ProgramCache()
         self.stages: dict[str, dict[str, Any]] = {}
         self.progress = bool(config.train.progress)
+        # The cohorts are cheap to make and decide whether the grid fits: check before anything is written.
+        self.pretrain_cohort = task_cohort(config, "mlm")
+        self.finetune_cohort = task_cohort(config, "outcome")
+        eligible = outcome_labels(self.finetune_cohort)[1] & self.finetune_cohort.split_mask("train")
+        if max(self.plan.sizes) > int(eligible.sum()):
+            raise ValueError(f"benchmark.train_sizes: {max(self.plan.sizes)} exceeds the {int(eligible.sum())} "
+                             "training patients of the outcome task; raise finetune.num_patients")  # fmt: skip
 
     def say(self, text: str) -> None:
         tqdm.write(f"[{time.perf_counter() - self.start:6.1f}s] {text}")
@@ -146,8 +154,6 @@ class Benchmark:
     def cohorts(self) -> dict[str, Any]:
         """Generate (or read) both cohorts and fingerprint them; on resume the fingerprints must match."""
         c = self.config
-        self.pretrain_cohort = task_cohort(c, "mlm")
-        self.finetune_cohort = task_cohort(c, "outcome")
         fingerprints = {}
         for stream, cohort, section in (("pretrain", self.pretrain_cohort, c.pretrain),
                                         ("finetune", self.finetune_cohort, c.finetune)):  # fmt: skip
@@ -245,6 +251,7 @@ class Benchmark:
             elif arm.kind == "oracle":
                 cell_runs, params = run_oracle_cell(data, size, out=self.out, arm=arm.name), None
             else:
+                self.programs.context = f"{arm.name}/n{size}"
                 cell_runs, params = run_neural_cell(
                     self._arm_inputs(arm), data, size, plan.seeds, out=self.out, optim_cfg=c.optim,
                     data_cfg=data_cfg, epochs=b.finetune_epochs, patience=b.finetune_patience,
@@ -254,7 +261,8 @@ class Benchmark:
             runs.extend(cell_runs)
             arm_params.setdefault(arm.name, params)
             bar.set_postfix_str(f"{arm.name} n={size}")
-        return {"runs": runs, "params": arm_params, "compiles": self.programs.num_compiles}
+        return {"runs": runs, "params": arm_params, "compiles": self.programs.num_compiles,
+                "compile_log": [list(c) for c in self.programs.compiles]}
 
     def probe(self, data: TaskData) -> dict[str, Any]:
         from ehrjax.eval.probe import run_probe
@@ -285,10 +293,6 @@ class Benchmark:
                     "pretrain_med2vec_mlm", embeddings_from=self.med2vec_path, embed_dim=med2vec["dim"]))  # fmt: skip
                 self.runs["med2vec_mlm"] = load_pretrained_run(self.out / "pretrain_med2vec_mlm")
         data = make_task_data(self.finetune_cohort, "outcome", max_len=c.data.max_len, vocab=self.vocab)
-        largest = len(data.splits["train"])
-        if max(plan.sizes) > largest:
-            raise ValueError(f"benchmark.train_sizes: {max(plan.sizes)} exceeds the {largest} training patients of "
-                             "the outcome task; raise finetune.num_patients")  # fmt: skip
         grid = self._timed("finetune", lambda: self.finetune(data))
         probe = self._timed("probe", lambda: self.probe(data)) if c.benchmark.probe and "outcome_p" in \
             data.cohort.labels else None  # fmt: skip
@@ -315,7 +319,7 @@ class Benchmark:
             "wall_s": time.perf_counter() - self.start, "device": device_name(), "cuts": cuts_of(c),
             "task": "outcome", "train_sizes": plan.sizes, "seeds": plan.seeds, "cohorts": cohorts,
             "stages": self.stages, "pretraining": pre, "arms": arms, "runs": grid["runs"],
-            "compiles": {"finetune": grid.get("compiles", 0)},
+            "compiles": {"finetune": grid.get("compiles", 0), "finetune_log": grid.get("compile_log", [])},
         }  # fmt: skip
         if med2vec is not None:
             summary["med2vec"] = med2vec

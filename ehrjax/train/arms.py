@@ -91,6 +91,11 @@ def default_arms() -> ml_collections.ConfigDict:
     return a
 
 
+def reference_arm(description: str, **kw: Any) -> ml_collections.ConfigDict:
+    """A neural arm entry for a config file (`c.arms.my_arm = reference_arm("...", code_table="mlm", ...)`)."""
+    return _arm("", "neural", description, **kw)
+
+
 def arm_from_config(name: str, arms: ml_collections.ConfigDict) -> Arm:
     """The arm `name` of `config.arms`, validated (one-line errors naming the key)."""
     if name not in arms:

@@ -47,7 +47,8 @@ class ProgramCache:
 
     def __init__(self) -> None:
         self._programs: dict[Any, Callable] = {}
-        self.compiles: list[tuple[str, float]] = []  # (program name, seconds)
+        self.compiles: list[tuple[str, float, str]] = []  # (program name, seconds, context)
+        self.context = ""  # what the caller is running (e.g. 'scratch/n250'), recorded with each compile
 
     def get(self, name: str, key: Any, build: Callable[[], Callable]) -> Callable:
         full = (name, key)
@@ -60,7 +61,7 @@ class ProgramCache:
             start = time.perf_counter()
             out = fn(*args)
             if fn._cache_size() > before:  # this call traced and compiled a new signature
-                self.compiles.append((name, time.perf_counter() - start))
+                self.compiles.append((name, time.perf_counter() - start, self.context))
             return out
 
         call.jitted = fn  # for ahead-of-time lowering (profiling, memory analysis)
@@ -72,7 +73,7 @@ class ProgramCache:
 
     @property
     def compile_seconds(self) -> float:
-        return float(sum(s for _, s in self.compiles))
+        return float(sum(c[1] for c in self.compiles))
 
 
 PROGRAMS = ProgramCache()  # the process-wide cache
