@@ -51,11 +51,11 @@ class TaskData:
         return dataclasses.replace(self, splits=dict(self.splits, train=self.splits["train"][:k]))
 
     def frequent_codes(self, k: int) -> np.ndarray:
-        """The `k` most frequent clinical codes (vocab ids) among the training patients' tokens."""
-        counts = self.train_token_counts()
-        counts[:NUM_SPECIAL] = 0
+        """The `k` most frequent clinical codes (vocab ids) among the training patients' tokens; always
+        min(k, clinical codes) of them (unseen codes last), so the number does not depend on the labelled set."""
+        counts = self.train_token_counts()[NUM_SPECIAL:]
         order = np.argsort(-counts, kind="stable")
-        return order[: min(k, int((counts > 0).sum()))].astype(np.int32)
+        return (order[:k] + NUM_SPECIAL).astype(np.int32)
 
     def train_token_counts(self) -> np.ndarray:
         """int64[len(vocab)] token counts of every vocab id over the training patients' tokenised histories."""

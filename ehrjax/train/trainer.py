@@ -155,17 +155,22 @@ class Trainer:
         return jnp.stack([jax.random.key(s) for s in self.seeds])
 
     def stacked_plan(self, epoch: int) -> SeedPlan:
-        """Every seed's plan of epoch `epoch` (its own data order), stacked: seeds share the sequence of batch
-        shapes (the first seed's; one shape in `pack` and `pad_max`) and each takes its own next batch of
-        that shape."""
+        """Every seed's plan of epoch `epoch`, stacked. Each seed keeps its own data order: its batches of a
+        shape come in its own sequence. Seeds share only the sequence of batch shapes (the first seed's; there
+        is one shape in `pack` and `pad_max`), so a seed trained alone sees exactly the same batches."""
         plans = [b.plan_epoch(epoch) for b in self.train_batchers]
-        groups = [
-            (plans[0].groups[g].row_len,
-             jnp.stack([p.groups[g].patient_index for p in plans], axis=1),
-             jnp.stack([p.groups[g].cls_index for p in plans], axis=1))
-            for g in range(len(plans[0].groups))
-        ]  # fmt: skip
-        return SeedPlan(groups=groups, order=plans[0].order)
+        shapes = plans[0].order[:, 0]
+        occurrence = np.zeros(len(shapes), dtype=np.int32)
+        for g in np.unique(shapes):
+            where = shapes == g
+            occurrence[where] = np.arange(int(where.sum()), dtype=np.int32)
+        groups = []
+        for g in range(len(plans[0].groups)):
+            sequences = [jnp.asarray(p.order[p.order[:, 0] == g, 1]) for p in plans]  # each seed's own order
+            patient = jnp.stack([p.groups[g].patient_index[j] for p, j in zip(plans, sequences, strict=True)], 1)
+            cls = jnp.stack([p.groups[g].cls_index[j] for p, j in zip(plans, sequences, strict=True)], 1)
+            groups.append((plans[0].groups[g].row_len, patient, cls))
+        return SeedPlan(groups=groups, order=np.stack([shapes, occurrence], axis=1))
 
     def train_step(self, row_len: int) -> Callable:
         return self._train[row_len]
