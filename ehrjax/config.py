@@ -90,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.arm = "scratch"  # 'scratch' | 'mlm_lora' | 'med2vec_lora' | 'mlm_full' (what is trainable, DESIGN §7)
     c.init_from = ""  # a checkpoint directory of a pre-training run to start from
     c.resume = ""  # a run directory to continue (its config must match)
-    c.embeddings_from = ""  # code vectors to import and freeze (Med2Vec .npz, word2vec .txt, .npy, an export)
+    c.embeddings_from = ""  # code vectors to import and freeze (Med2Vec .npz, word2vec .txt, .npy, cui2vec .csv,
+    # a Hugging Face model folder, an ehrjax export)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 10
