@@ -783,3 +783,47 @@ def read_meds(
               "visit_hours": visit_hours},
     )  # fmt: skip
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ehrjax.data.meds write|read ...`: a synthetic cohort as MEDS (+ labels), or a MEDS summary."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m ehrjax.data.meds", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    write = sub.add_parser("write", help="write a synthetic cohort as a MEDS dataset")
+    write.add_argument("--num-patients", type=int, required=True)
+    write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--stream", default="pretrain", help="pretrain | finetune")
+    write.add_argument("--num-noise-codes", type=int, default=1000)
+    write.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    write.add_argument("--out", type=Path, required=True, help="the dataset folder (new or empty)")
+    write.add_argument("--labels", type=Path, help="also write the outcome labels under this folder (finetune)")
+    read = sub.add_parser("read", help="read a MEDS dataset and print the cohort's summary")
+    read.add_argument("meds_dir", type=Path)
+    read.add_argument("--labels", type=Path, help="a folder of label parquet files")
+    read.add_argument("--visit-hours", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "write":
+            from ehrjax.data.synthetic import generate_cohort
+
+            cohort = generate_cohort(args.num_patients, args.seed, args.stream, args.num_noise_codes)
+            if args.labels is not None:
+                args.labels.mkdir(parents=True, exist_ok=True)
+            write_meds(cohort, args.out, shard_size=args.shard_size)
+            print(f"wrote {args.out} ({len(cohort):,} subjects, {cohort.num_tokens:,} code events)")
+            if args.labels is not None:
+                print(f"wrote labels {write_meds_labels(cohort, args.labels)}")
+        else:
+            cohort = read_meds(args.meds_dir, labels_dir=args.labels, visit_hours=args.visit_hours)
+            print(cohort.format_summary())
+    except (ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

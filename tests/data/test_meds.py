@@ -497,3 +497,18 @@ def test_meds_reader_sees_the_same_events(tmp_path):
             got = [(int(np.datetime64(t, "us").astype(np.int64)), c) for t, c in timed]
             assert sorted(got) == sorted(expected)
             assert static == [("GENDER//F", "GENDER//M")[cohort.sex[i]]]
+
+
+def test_cli_write_and_read(tmp_path, capsys):
+    from ehrjax.data.meds import main
+
+    out = tmp_path / "m"
+    code = main(["write", "--num-patients", "50", "--stream", "finetune", "--num-noise-codes", "10",
+                 "--out", str(out), "--labels", str(tmp_path / "labels")])  # fmt: skip
+    assert code == 0
+    assert_same_records(read_meds(out), generate_cohort(50, 0, "finetune", 10))
+    assert main(["read", str(out), "--labels", str(tmp_path / "labels" / "outcome")]) == 0
+    assert "outcome:" in capsys.readouterr().out
+    assert main(["read", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: MEDS directory") and err.count("\n") == 1
