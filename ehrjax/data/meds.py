@@ -550,6 +550,13 @@ def _read_labels(labels_dir: Path) -> dict[str, np.ndarray]:
     return labels
 
 
+def _first_of_runs(values: np.ndarray) -> np.ndarray:
+    """Indices where a run of equal values starts (`values` grouped)."""
+    if not len(values):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(np.concatenate([[True], values[1:] != values[:-1]]))
+
+
 def _check_new_subjects(path: Path, ids: np.ndarray, seen: list[tuple[Path, np.ndarray]]) -> None:
     """A subject must be in one shard: `ids` (sorted) against the sorted ids of the shards read before."""
     for other, other_ids in seen:
@@ -602,56 +609,71 @@ def _shard_events(
         if c not in code_id and c not in _RESERVED:
             code_id[c] = len(codes)
             codes.append(c)
-    lookup = np.asarray([_RESERVED.get(c, code_id.get(c, 0)) for c in file_codes], dtype=np.int64)
+    lookup = np.asarray([_RESERVED.get(c, code_id.get(c, 0)) for c in file_codes], dtype=np.int32)
     code = lookup[code_col.indices.to_numpy(zero_copy_only=False)]
     del table, time_col, code_col
 
-    file_row = np.arange(len(subject), dtype=np.int64)
+    order = None  # file row of each sorted row, where the shard was not grouped by subject
     if len(subject) > 1 and np.any(subject[1:] < subject[:-1]):
         order = np.argsort(subject, kind="stable")
-        subject, time, timed, code, file_row = subject[order], time[order], timed[order], code[order], file_row[order]
-    ids = np.unique(subject)
+        subject, time, timed, code = subject[order], time[order], timed[order], code[order]
+
+    def row(r: int) -> int:
+        return int(order[r]) if order is not None else int(r)
+
+    starts_subject = np.ones(len(subject), dtype=bool)
+    starts_subject[1:] = subject[1:] != subject[:-1]
+    ids = subject[starts_subject]
     _check_new_subjects(path, ids, seen)
     seen.append((path, ids))
-    subj = np.searchsorted(ids, subject)
+    subj = np.cumsum(starts_subject, dtype=np.int32) - 1
+    del subject, starts_subject
 
     t_rows = np.flatnonzero(timed)
-    back = (subj[t_rows][1:] == subj[t_rows][:-1]) & (time[t_rows][1:] < time[t_rows][:-1])
-    if back.any():
-        r = t_rows[1:][np.flatnonzero(back)[0]]
+    t_subj, t_time = subj[t_rows], time[t_rows]
+    back = np.flatnonzero((t_subj[1:] == t_subj[:-1]) & (t_time[1:] < t_time[:-1]))
+    if len(back):
+        r = t_rows[back[0] + 1]
         raise ValueError(
-            f"MEDS data file {path}: row {file_row[r]} (subject {subject[r]}): time goes back; a subject's rows "
+            f"MEDS data file {path}: row {row(r)} (subject {ids[subj[r]]}): time goes back; a subject's rows "
             "must be sorted by time"
         )
+    first_event = np.full(len(ids), np.iinfo(np.int64).max, dtype=np.int64)
+    first = _first_of_runs(t_subj)
+    first_event[t_subj[first]] = t_time[first]  # timed rows are in time order within a subject
+    del t_rows, t_subj, t_time, first
     sex = np.full(len(ids), -1, dtype=np.int8)
     sex_rows = np.flatnonzero(code <= _RESERVED["GENDER//F"])
     sex[subj[sex_rows]] = -2 - code[sex_rows]
     birth_rows = np.flatnonzero(timed & (code == _RESERVED[BIRTH_CODE]))
     birth = np.full(len(ids), np.iinfo(np.int64).min, dtype=np.int64)
-    birth[subj[birth_rows][::-1]] = time[birth_rows][::-1]  # the first birth row of each subject
+    first = _first_of_runs(subj[birth_rows])
+    birth[subj[birth_rows][first]] = time[birth_rows][first]  # the earliest birth row of each subject
     if np.any(birth == np.iinfo(np.int64).min):
         s = int(np.flatnonzero(birth == np.iinfo(np.int64).min)[0])
         raise ValueError(f"MEDS data file {path}: subject {ids[s]} has no {BIRTH_CODE} row (needed for ages)")
-    first_event = np.full(len(ids), np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_event, subj[t_rows], time[t_rows])
 
     events = np.flatnonzero(timed & (code >= 0))
+    del timed
     e_subj, e_time, e_code = subj[events], time[events], code[events]
-    if np.any(e_time < birth[e_subj]):
-        k = int(np.flatnonzero(e_time < birth[e_subj])[0])
-        raise ValueError(
-            f"MEDS data file {path}: row {file_row[events[k]]} (subject {ids[e_subj[k]]}) is before its birth"
-        )
-    new_subject = np.ones(len(events), dtype=bool)
+    del subj, time, code
+    early = np.flatnonzero(e_time < birth[e_subj])
+    if len(early):
+        k = early[0]
+        raise ValueError(f"MEDS data file {path}: row {row(events[k])} (subject {ids[e_subj[k]]}) is before its birth")
+    del events
+    new_subject = np.ones(len(e_subj), dtype=bool)
     new_subject[1:] = e_subj[1:] != e_subj[:-1]
     new_visit = new_subject.copy()
     new_visit[1:] |= (e_time[1:] - e_time[:-1]) > visit_gap_us
-    visit_number = np.cumsum(new_visit) - 1
-    visit_time = e_time[np.flatnonzero(new_visit)][visit_number]
-    subject_first_visit = np.cumsum(new_visit)[np.flatnonzero(new_subject)] - 1
-    e_visit = visit_number - subject_first_visit[np.cumsum(new_subject) - 1]
+    visit_count = np.cumsum(new_visit, dtype=np.int32)
+    visit_time = e_time[np.flatnonzero(new_visit)][visit_count - 1]
+    e_visit = visit_count - visit_count[np.flatnonzero(new_subject)][np.cumsum(new_subject, dtype=np.int32) - 1]
+    del visit_count, new_visit
     first_visit_day = np.zeros(len(ids), dtype=np.int64)
     first_visit_day[e_subj[new_subject]] = _floor_div(visit_time[new_subject], DAY_US)
+    age = _floor_div(visit_time - birth[e_subj], MONTH_US).astype(np.int32)
+    days = (_floor_div(visit_time, DAY_US) - first_visit_day[e_subj]).astype(np.int32)
     return {
         "ids": ids,
         "sex": sex,
@@ -660,8 +682,8 @@ def _shard_events(
         "subject": e_subj,
         "code": e_code,
         "visit": e_visit,
-        "age": _floor_div(visit_time - birth[e_subj], MONTH_US),
-        "time": _floor_div(visit_time, DAY_US) - first_visit_day[e_subj],
+        "age": age,
+        "time": days,
         "timestamp": e_time,
     }
 
@@ -734,7 +756,7 @@ def read_meds(
         split = split_of[pos]
         birth_year = shard["birth"].astype("datetime64[us]").astype("datetime64[Y]").astype(np.int64) + 1970
         if labels is None:
-            index = np.arange(len(shard["subject"]))
+            index = None
             rows = np.arange(len(ids))
             lens = np.bincount(shard["subject"], minlength=len(ids))
         else:
@@ -747,7 +769,7 @@ def read_meds(
             patients["outcome"].append(labels["value"][cuts["label"]].astype(np.int8))
             patients["prediction_time"].append(labels["time"][cuts["label"]])
         for name, source in (("codes", "code"), ("visit", "visit"), ("age", "age"), ("time", "time")):
-            tokens[name].extend(shard[source][index])
+            tokens[name].extend(shard[source] if index is None else shard[source][index])
         counts.append(lens)
         patients["patient_id"].append(ids[rows])
         patients["sex"].append(shard["sex"][rows])
