@@ -282,7 +282,7 @@ def write_meds(
 
         metadata = {
             "dataset_name": dataset_name,
-            "dataset_version": str(cohort.meta.get("seed", "")),
+            "dataset_version": ", ".join(f"{k}={cohort.meta[k]}" for k in ("stream", "seed") if k in cohort.meta),
             "etl_name": "ehrjax.data.meds.write_meds",
             "etl_version": ehrjax_version,
             "meds_version": meds_version,
