@@ -20,25 +20,25 @@ import jax
 import jax.numpy as jnp
 
 from ehrjax.config import load_config_file
-from ehrjax.train.loop import build_trainer, train
+from ehrjax.train.loop import build_run_trainer, train
 
 
 def bare_tokens_per_s(config, epochs: int) -> tuple[float, float]:
-    trainer = build_trainer(config)
-    state, step_fn, key = trainer.state, trainer.train_step, jax.random.key(config.seed)
+    trainer = build_run_trainer(config)[0]
+    state, keys, active = trainer.state, trainer.keys(), jnp.ones(trainer.num_seeds, bool)
     tokens, seconds = 0.0, 0.0
     for epoch in range(epochs + 1):  # epoch 0 warms up (compile), then timed epochs
-        plan = trainer.train_batcher.plan_epoch(epoch)
+        plan = trainer.stacked_plan(epoch)
         start = time.perf_counter()
         sums = []
         for k in range(plan.num_batches):
-            g, j = (int(x) for x in plan.order[k])
-            state, out = step_fn(state, plan.groups[g], jnp.int32(j), key)
+            row_len, patient, cls = plan.batch(k)
+            state, out = trainer.train_step(row_len)(state, trainer.corpus, patient, cls, keys, active)
             sums.append(out["real_tokens"])
-        total = float(sum(jax.device_get(sums)))
+        total = float(sum(x.sum() for x in jax.device_get(sums)))
         if epoch:
             tokens, seconds = tokens + total, seconds + time.perf_counter() - start
-    return tokens / seconds, trainer.train_batcher.efficiency
+    return tokens / seconds, trainer.train_batchers[0].efficiency
 
 
 def main() -> None:

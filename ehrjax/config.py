@@ -12,6 +12,8 @@ from pathlib import Path
 
 import ml_collections
 
+from ehrjax.train.arms import default_arms
+
 # embed_dim / hidden_dim / num_layers / num_heads / mlp_dim (the reference study's intermediate size is
 # 2 x hidden for its presets).
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -87,7 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.train_size = 0  # 0 -> every training patient; k -> the first k (nested labeled-set sizes)
 
     c.task = "mlm"  # 'mlm' | 'outcome' | 'next_visit'
-    c.arm = "scratch"  # 'scratch' | 'mlm_lora' | 'med2vec_lora' | 'mlm_full' (what is trainable, DESIGN §7)
+    c.arm = "scratch"  # a neural arm of `arms` (what a fine-tuning run starts from and trains)
+    c.arms = default_arms()  # name -> code table / encoder source, trainable partitions, LoRA (ehrjax.train.arms)
     c.init_from = ""  # a checkpoint directory of a pre-training run to start from
     c.resume = ""  # a run directory to continue (its config must match)
     c.embeddings_from = ""  # code vectors to import and freeze (Med2Vec .npz, word2vec .txt, .npy, cui2vec .csv,
@@ -132,6 +135,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.med2vec.l2 = 0.001
     c.med2vec.init_range = 0.0  # 0: Glorot-uniform weights; 0.01: the original's uniform(-0.01, 0.01)
     c.med2vec.seed = 0
+    c.med2vec.path = ""  # the benchmark: a user's Med2Vec (or any importer format) file instead of training one
+    c.med2vec.codes_path = ""  # its code map when not beside it (e.g. the original tool's X.types)
+    c.med2vec.allow_pickle = False  # read a pickled .types map (only with this explicit opt-in)
+
+    # The study (python -m ehrjax.benchmark): lists are comma-separated so they override easily on the CLI.
+    c.benchmark = ml_collections.ConfigDict()
+    c.benchmark.arms = "logreg,scratch,mlm_emb,med2vec_emb,mlm_lora,med2vec_lora,mlm_full,oracle"
+    c.benchmark.train_sizes = "250,1000,4000"  # nested prefixes of the fine-tuning training split
+    c.benchmark.seeds = "0,1,2"  # the seeds of a neural arm train together (vmapped)
+    c.benchmark.pretrain_epochs = 8  # both MLM pre-trainings (learned table, frozen Med2Vec table)
+    c.benchmark.finetune_epochs = 10
+    c.benchmark.finetune_patience = 3
+    c.benchmark.finetune_rows_per_batch = 8  # fine-tuning batches (rows of data.row_len); small sets need steps
+    c.benchmark.probe = True
+    c.benchmark.n_boot = 1000  # bootstrap replicates of every CI
+    c.benchmark.cuts = ""  # plain-language note of what a reduced config cut, shown in the report
 
     # Throughput profile (python -m ehrjax.profile); --modes / --dtypes / --steps / --warmup override.
     c.profile = ml_collections.ConfigDict()
@@ -140,6 +159,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile.warmup = 2  # untimed steps per batch shape, after the ahead-of-time compile
     c.profile.trace_steps = 3  # steps inside jax.profiler.trace with --trace
     c.profile.peak_matmul_size = 2048  # n of the n x n x n jnp.dot that measures a CPU's peak
+    return c
+
+
+def cpu_config(name: str = "cpu") -> ml_collections.ConfigDict:
+    """The `small` preset on cohorts that train in minutes on 2 CPU cores."""
+    c = base_config()
+    c.name = name
+    c.pretrain.num_patients = 20_000
+    c.finetune.num_patients = 6_000
+    c.data.max_len = 128
+    c.data.row_len = 128
+    c.data.rows_per_batch = 32
+    c.data.slots_per_row = 16
+    c.train.epochs = 8
     return c
 
 
@@ -166,6 +199,11 @@ def gpu_config(name: str, batch_scale: int = 1) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.log_every = 100
     c.train.max_eval_patients = 20_000
+    c.benchmark.train_sizes = "250,1000,4000,16000"
+    c.benchmark.seeds = "0,1,2,3,4"
+    c.benchmark.pretrain_epochs = 10
+    c.benchmark.finetune_epochs = 10
+    c.benchmark.finetune_rows_per_batch = 32
     return c
 
 

@@ -109,25 +109,28 @@ def _peak_bytes_in_use(device: Any) -> int | None:
 
 
 def _time_shape(
-    trainer: Any, state: Any, group: Any, count: int, key: jax.Array, first_step: int, warmup: int, steps: int
+    trainer: Any, state: Any, group: Any, count: int, warmup: int, steps: int
 ) -> tuple[Any, Any, list[float], dict[str, float]]:
     """Compile the step for one batch shape, run `warmup` + `steps` steps over the group's batches (each
-    synchronised). Returns (state, executable, timed step seconds, {compile_s, overflow, weight, real_tokens})."""
+    synchronised). group: (row_len, patient_index [nb, S, rows, slots], cls_index) of a stacked plan.
+    Returns (state, executable, timed step seconds, {compile_s, overflow, weight, real_tokens})."""
+    row_len, patient, cls = group
+    keys, active = trainer.keys(), jnp.ones(trainer.num_seeds, bool)
     t0 = time.perf_counter()
-    compiled = trainer.train_step.lower(state, group, jnp.int32(0), key).compile()
+    compiled = trainer.train_step(row_len).jitted.lower(state, trainer.corpus, patient[0], cls[0], keys,
+                                                        active).compile()  # fmt: skip
     totals = {"compile_s": time.perf_counter() - t0, "overflow": 0.0, "weight": 0.0, "real_tokens": 0.0}
     times = []
     for i in range(warmup + steps):
-        step_key = jax.random.fold_in(key, first_step + i)
         t0 = time.perf_counter()
-        state, sums = compiled(state, group, jnp.int32(i % count), step_key)
+        state, sums = compiled(state, trainer.corpus, patient[i % count], cls[i % count], keys, active)
         jax.block_until_ready((state, sums))
         elapsed = time.perf_counter() - t0
         if i >= warmup:
             times.append(elapsed)
             sums = jax.device_get(sums)
             for name in ("overflow", "weight", "real_tokens"):
-                totals[name] += float(sums[name])
+                totals[name] += float(np.sum(sums[name]))
     return state, compiled, times, totals
 
 
@@ -148,7 +151,7 @@ def profile_mode(
     `real_tokens_per_s`, `computed_tokens_per_s`, `efficiency`, `patients_per_s`, `num_shapes`,
     `compile_s`, FLOPs per step (model / hardware / XLA), `peak_flops`, `mfu`, `hfu` and `memory`.
     """
-    from ehrjax.train.loop import build_trainer
+    from ehrjax.train.loop import build_run_trainer
 
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} unknown; expected one of {MODES}")
@@ -159,19 +162,18 @@ def profile_mode(
     cfg = copy.deepcopy(config)
     cfg.task, cfg.data.batching, cfg.model.dtype, cfg.train.progress = "mlm", mode, dtype, False
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg)
+    trainer = build_run_trainer(cfg)[0]
     build_s = time.perf_counter() - t0
-    batcher = trainer.train_batcher
-    plan = batcher.plan_epoch(0)
-    state, key = trainer.state, jax.random.key(cfg.seed)
+    batcher = trainer.train_batchers[0]
+    plan = trainer.stacked_plan(0)
+    state = trainer.state
     device = jax.devices()[0]
 
     shapes: list[dict[str, Any]] = []
     executables = []
     timed = {"overflow": 0.0, "weight": 0.0, "real_tokens": 0.0}
     for group, (rows, row_len), count in zip(plan.groups, batcher.shapes, batcher.group_batches, strict=True):
-        first = len(shapes) * (warmup + steps)
-        state, compiled, times, totals = _time_shape(trainer, state, group, count, key, first, warmup, steps)
+        state, compiled, times, totals = _time_shape(trainer, state, group, count, warmup, steps)
         executables.append(compiled)
         timed = {k: v + totals[k] for k, v in timed.items()}
         shapes.append({
@@ -182,10 +184,11 @@ def profile_mode(
         })  # fmt: skip
 
     if trace_dir is not None:
-        group, count = plan.groups[0], batcher.group_batches[0]
+        (_, patient, cls), count = plan.groups[0], batcher.group_batches[0]
+        keys, active = trainer.keys(), jnp.ones(trainer.num_seeds, bool)
         with jax.profiler.trace(str(Path(trace_dir) / f"{mode}-{dtype}")):
             for i in range(trace_steps):
-                state, sums = executables[0](state, group, jnp.int32(i % count), jax.random.fold_in(key, 2**30 + i))
+                state, sums = executables[0](state, trainer.corpus, patient[i % count], cls[i % count], keys, active)
             jax.block_until_ready((state, sums))
 
     num_batches = batcher.num_batches

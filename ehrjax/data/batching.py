@@ -31,9 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ehrjax.data.cohort import Cohort
 from ehrjax.data.tokenize import TokenizedCorpus
-from ehrjax.data.vocab import PAD, Vocab
+from ehrjax.data.vocab import PAD
 
 MODES: tuple[str, ...] = ("pack", "bucket", "pad_max")
 DATA_AXIS = "data"
@@ -324,26 +323,31 @@ def _gather_rows(corpus: DeviceCorpus, patient: jax.Array, cls: jax.Array, row_l
     return batch
 
 
-def _gather(group: BatchGroup, i: jax.Array | int) -> Batch:
-    patient = group.patient_index[i]
-    cls = group.cls_index[i]
-    if group.mesh is None:
-        return _gather_rows(group.corpus, patient, cls, group.row_len)
+def gather_batch(
+    corpus: DeviceCorpus, patient: jax.Array, cls: jax.Array, row_len: int, mesh: Mesh | None = None
+) -> Batch:
+    """One batch from its slots (patient, cls: int32[rows, slots]): a pure gather from the device corpus.
 
-    # On a mesh each device gathers its own rows from its replica of the corpus: no communication but the
-    # sum of real tokens.
+    On a mesh each device gathers its own rows from its replica of the corpus: no communication but the sum
+    of real tokens.
+    """
+    if mesh is None:
+        return _gather_rows(corpus, patient, cls, row_len)
+
     def local(corpus: DeviceCorpus, patient: jax.Array, cls: jax.Array) -> Batch:
-        batch = _gather_rows(corpus, patient, cls, group.row_len)
+        batch = _gather_rows(corpus, patient, cls, row_len)
         batch["num_real_tokens"] = jax.lax.psum(batch["num_real_tokens"], DATA_AXIS)
         return batch
 
     keys = ["codes", "ages", "visits", "segment_ids", "cls_index", "patient_index", "slot_mask"]
-    keys += ["labels"] if group.corpus.labels is not None else []
+    keys += ["labels"] if corpus.labels is not None else []
     out_specs = {k: P(DATA_AXIS) for k in keys} | {"num_real_tokens": P()}
     rows = P(DATA_AXIS)
-    return jax.shard_map(local, mesh=group.mesh, in_specs=(P(), rows, rows), out_specs=out_specs)(
-        group.corpus, patient, cls
-    )
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows, rows), out_specs=out_specs)(corpus, patient, cls)
+
+
+def _gather(group: BatchGroup, i: jax.Array | int) -> Batch:
+    return gather_batch(group.corpus, group.patient_index[i], group.cls_index[i], group.row_len, group.mesh)
 
 
 _gather_jit = jax.jit(_gather)
@@ -642,39 +646,3 @@ def format_padding_report(report: dict[str, dict[str, float]]) -> str:
             f"{r['real_tokens']:>12,d} {r['computed_tokens']:>12,d} {r['init_seconds']:>7.3f} {r['plan_seconds']:>7.3f}"
         )
     return "\n".join(lines)
-
-
-def outcome_labels(cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
-    """Binary outcome labels float32[n] (0 where not eligible) and the eligibility mask bool[n]."""
-    if "outcome" not in cohort.labels:
-        raise ValueError("cohort label 'outcome' is missing; generate the cohort with outcome labels")
-    y = np.asarray(cohort.labels["outcome"])
-    eligible = y >= 0
-    return np.where(eligible, y, 0).astype(np.float32), eligible
-
-
-def next_visit_label_space(vocab: Vocab, prefix: str = "ICD10:") -> np.ndarray:
-    """The next-visit label space: vocabulary ids int32[C] of the diagnosis codes (`prefix`), in id order.
-
-    The vocabulary is built on the pre-training cohort, so these are the diagnosis codes seen in training.
-    """
-    ids = np.asarray([i for i, code in enumerate(vocab.codes) if code.startswith(prefix)], dtype=np.int32)
-    if len(ids) == 0:
-        raise ValueError(f"next_visit label space: no vocabulary code starts with {prefix!r}")
-    return ids
-
-
-def next_visit_labels(cohort: Cohort, vocab: Vocab, label_space: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Multi-hot float32[n, C] of the next visit's codes over `label_space` (vocab ids), and eligibility bool[n]
-    (at least one positive label). Codes outside the label space are ignored."""
-    if "next_visit" not in cohort.labels or "next_visit_offsets" not in cohort.labels:
-        raise ValueError("cohort label 'next_visit' is missing; generate the cohort with next-visit labels")
-    offsets = np.asarray(cohort.labels["next_visit_offsets"], dtype=np.int64)
-    column_of = np.full(len(vocab), -1, dtype=np.int64)
-    column_of[label_space] = np.arange(len(label_space))
-    columns = column_of[vocab.ids(cohort.code_names)[cohort.labels["next_visit"]]]
-    rows = np.repeat(np.arange(len(cohort)), np.diff(offsets))
-    keep = columns >= 0
-    out = np.zeros((len(cohort), len(label_space)), dtype=np.float32)
-    out[rows[keep], columns[keep]] = 1.0
-    return out, out.any(axis=1)

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from ehrjax.data.batching import next_visit_label_space, next_visit_labels, outcome_labels
-from ehrjax.data.cohort import Cohort
+from ehrjax.data.cohort import Cohort, ragged_index
+from ehrjax.data.labels import next_visit_label_space, next_visit_labels, outcome_labels
 from ehrjax.data.sources import task_cohort
 from ehrjax.data.tokenize import TokenizedCorpus, tokenize
-from ehrjax.data.vocab import Vocab
+from ehrjax.data.vocab import NUM_SPECIAL, Vocab
 
 TASKS: tuple[str, ...] = ("mlm", "outcome", "next_visit")
 
@@ -40,6 +40,28 @@ class TaskData:
     def num_labels(self) -> int:
         return 0 if self.labels is None else self.labels.shape[1]
 
+    def with_train_size(self, k: int) -> TaskData:
+        """The same data with the training split cut to its first `k` patients (nested labelled sets share
+        everything else: cohort, vocabulary, corpus, validation and test patients)."""
+        if k <= 0 or k > len(self.splits["train"]):
+            raise ValueError(
+                f"train size {k} must be in 1..{len(self.splits['train'])}, the training patients of the "
+                f"{self.task!r} task; raise the fine-tuning cohort's num_patients"
+            )
+        return dataclasses.replace(self, splits=dict(self.splits, train=self.splits["train"][:k]))
+
+    def frequent_codes(self, k: int) -> np.ndarray:
+        """The `k` most frequent clinical codes (vocab ids) among the training patients' tokens."""
+        counts = self.train_token_counts()
+        counts[:NUM_SPECIAL] = 0
+        order = np.argsort(-counts, kind="stable")
+        return order[: min(k, int((counts > 0).sum()))].astype(np.int32)
+
+    def train_token_counts(self) -> np.ndarray:
+        """int64[len(vocab)] token counts of every vocab id over the training patients' tokenised histories."""
+        index, _ = ragged_index(np.asarray(self.corpus.offsets, dtype=np.int64), self.splits["train"])
+        return np.bincount(np.asarray(self.corpus.codes)[index], minlength=len(self.vocab)).astype(np.int64)
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "task": self.task,
@@ -60,32 +82,50 @@ def build_vocab(cohort: Cohort, min_count: int = 1) -> Vocab:
     return Vocab.build(cohort.code_names, train.code_counts(), min_count=min_count)
 
 
-def build_task_data(config: Any, task: str | None = None, *, vocab: Vocab | None = None) -> TaskData:
-    task = task or config.task
-    cohort = task_cohort(config, task)
+def make_task_data(
+    cohort: Cohort,
+    task: str,
+    *,
+    max_len: int,
+    vocab: Vocab | None = None,
+    min_count: int = 1,
+    train_size: int = 0,
+) -> TaskData:
+    """The task's data from a cohort: eligible patients, labels, vocabulary, tokenised corpus and splits.
+
+    vocab: reuse a vocabulary (a fine-tuning run reuses its pre-training run's, so code ids line up with the
+    pre-trained table); otherwise it is built on the labelled training patients (the first `train_size` of the
+    training split when set), so a small labelled set sees only its own patients' codes.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} unknown; expected one of {TASKS}")
     labels = label_space = None
     if task == "outcome":
         y, eligible = outcome_labels(cohort)
         cohort = cohort.select(eligible)
         labels = y[eligible][:, None]
     if vocab is None:
-        vocab = build_vocab(cohort, config.data.min_count)
+        train_rows = np.flatnonzero(cohort.split_mask("train"))
+        if train_size:
+            train_rows = train_rows[:train_size]
+        vocab = Vocab.build(cohort.code_names, cohort.select(train_rows).code_counts(), min_count=min_count)
     if task == "next_visit":
         label_space = next_visit_label_space(vocab)
         multi_hot, eligible = next_visit_labels(cohort, vocab, label_space)
         cohort = cohort.select(eligible)
         labels = multi_hot[eligible]
-    corpus = tokenize(cohort, vocab, config.data.max_len)
+    corpus = tokenize(cohort, vocab, max_len)
     splits = {name: np.flatnonzero(cohort.split_mask(name)) for name in ("train", "val", "test")}
-    train_size = config.finetune.get("train_size", 0) if task != "mlm" else 0
-    if train_size:
-        if train_size > len(splits["train"]):
-            raise ValueError(
-                f"finetune.train_size={train_size} exceeds the {len(splits['train'])} training patients of the "
-                f"{task!r} task; raise finetune.num_patients"
-            )
-        splits["train"] = splits["train"][:train_size]
     for name, rows in splits.items():
         if len(rows) == 0:
             raise ValueError(f"the {task!r} task has no {name} patients; raise the cohort's num_patients")
-    return TaskData(task, cohort, vocab, corpus, labels, splits, label_space)
+    data = TaskData(task, cohort, vocab, corpus, labels, splits, label_space)
+    return data.with_train_size(train_size) if train_size else data
+
+
+def build_task_data(config: Any, task: str | None = None, *, vocab: Vocab | None = None) -> TaskData:
+    """`make_task_data` for the config's cohort (`pretrain` stream for mlm, `finetune` otherwise)."""
+    task = task or config.task
+    train_size = config.finetune.get("train_size", 0) if task != "mlm" else 0
+    return make_task_data(task_cohort(config, task), task, max_len=config.data.max_len, vocab=vocab,
+                          min_count=config.data.min_count, train_size=train_size)  # fmt: skip

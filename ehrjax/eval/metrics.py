@@ -88,3 +88,32 @@ def bootstrap_ci(
         return float("nan"), float("nan")
     lo, hi = np.percentile(values, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def histogram_metrics(hist_pos: np.ndarray, hist_neg: np.ndarray) -> dict[str, float]:
+    """Macro one-vs-rest AUROC, AP and PR-AUC from per-code score histograms f[K, bins] (bins in increasing
+    score order) of the positives and negatives of each code; codes without a positive or a negative are left
+    out. Scores in one bin count as ties (half a pair for AUROC, one threshold for AP), so with fine bins this
+    equals the exact metrics up to ties the binning creates."""
+    pos, neg = np.asarray(hist_pos, dtype=np.float64), np.asarray(hist_neg, dtype=np.float64)
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    keep = (n_pos > 0) & (n_neg > 0)
+    pos, neg, n_pos, n_neg = pos[keep], neg[keep], n_pos[keep, None], n_neg[keep, None]
+    if len(pos) == 0:
+        return {"macro_auroc": float("nan"), "macro_ap": float("nan"), "macro_pr_auc": float("nan"), "codes": 0.0}
+    neg_below = np.cumsum(neg, axis=1) - neg
+    auroc = ((pos * (neg_below + 0.5 * neg)).sum(axis=1, keepdims=True) / (n_pos * n_neg))[:, 0]
+    tp = np.cumsum(pos[:, ::-1], axis=1)  # thresholds from the highest bin down
+    fp = np.cumsum(neg[:, ::-1], axis=1)
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 1.0)
+    recall = tp / n_pos
+    ap = (np.diff(np.concatenate([np.zeros((len(pos), 1)), recall], axis=1), axis=1) * precision).sum(axis=1)
+    recall0 = np.concatenate([np.zeros((len(pos), 1)), recall], axis=1)
+    precision0 = np.concatenate([precision[:, :1], precision], axis=1)
+    pr_auc = np.trapezoid(precision0, recall0, axis=1)
+    return {
+        "macro_auroc": float(auroc.mean()),
+        "macro_ap": float(ap.mean()),
+        "macro_pr_auc": float(pr_auc.mean()),
+        "codes": float(len(pos)),
+    }

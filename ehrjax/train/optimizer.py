@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -108,22 +109,49 @@ def _optim_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config.optim if "optim" in config else config
 
 
-def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to `learning_rate`, then cosine decay to 0 at `total_steps`, or constant."""
+def effective_warmup(warmup_steps: int, total_steps: int) -> int:
+    """Warm-up steps actually used: `optim.warmup_steps`, clamped to a tenth of the run, so a short run
+    (a small labelled set) gets a proportionally short warm-up instead of an error."""
+    return int(min(warmup_steps, total_steps // 10))
+
+
+def schedule_arrays(optim: ml_collections.ConfigDict, total_steps: int) -> dict[str, jax.Array]:
+    """The schedule's run-dependent numbers as arrays (`peak`, `warmup`, `total`), carried in the train state
+    so that runs of any length (any labelled-set size) share one compiled step."""
     if not optim.learning_rate > 0:
         raise ValueError(f"optim.learning_rate must be > 0, got {optim.learning_rate!r}")
     if optim.warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps!r}")
-    if optim.schedule == "constant":
-        return optax.warmup_constant_schedule(0.0, optim.learning_rate, optim.warmup_steps)
-    if optim.schedule == "cosine":
-        if total_steps <= optim.warmup_steps:
-            raise ValueError(
-                f"optim.warmup_steps={optim.warmup_steps} must be below total_steps={total_steps} "
-                "for the cosine schedule"
-            )
-        return optax.warmup_cosine_decay_schedule(0.0, optim.learning_rate, optim.warmup_steps, total_steps)
-    raise ValueError(f"optim.schedule {optim.schedule!r} unknown; expected one of {SCHEDULES}")
+    if optim.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule {optim.schedule!r} unknown; expected one of {SCHEDULES}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return {
+        "peak": jnp.float32(optim.learning_rate),
+        "warmup": jnp.int32(effective_warmup(optim.warmup_steps, total_steps)),
+        "total": jnp.int32(total_steps),
+    }
+
+
+def scheduled_lr(arrays: dict[str, jax.Array], count: jax.Array, kind: str = "cosine") -> jax.Array:
+    """Learning rate at optimiser step `count`: linear warm-up from 0 to `peak` over `warmup` steps, then
+    cosine decay to 0 at `total` (or constant). The same curve as optax's warmup schedules, as a function of
+    arrays instead of Python numbers."""
+    count = jnp.asarray(count, jnp.float32)
+    peak, warmup, total = arrays["peak"], arrays["warmup"].astype(jnp.float32), arrays["total"].astype(jnp.float32)
+    ramp = peak * jnp.where(warmup > 0, count / jnp.maximum(warmup, 1.0), 1.0)
+    if kind == "constant":
+        after = peak
+    else:
+        progress = jnp.clip((count - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+        after = 0.5 * peak * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < warmup, ramp, after)
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """The learning-rate schedule of a run of `total_steps` as an optax schedule (see `scheduled_lr`)."""
+    arrays = schedule_arrays(optim, total_steps)
+    return lambda count: scheduled_lr(arrays, count, optim.schedule)
 
 
 def _decay_mask(params: Any) -> Any:
@@ -138,12 +166,15 @@ def make_optimizer(
     params: Any,
     trainable: Collection[str] = ("lora", "head"),
     *,
-    total_steps: int,
+    total_steps: int | None = None,
 ) -> optax.GradientTransformation:
-    """Clip + AdamW with a warm-up schedule on the `trainable` partitions; every other leaf frozen.
+    """Clip + AdamW on the `trainable` partitions; every other leaf frozen.
 
     config: the root config or its `optim` section. params: the model's `nnx.State` of `nnx.Param`
     (LoRA included) as from `nnx.split(model, nnx.Param, ...)`. Init the result on the same tree.
+    With `total_steps` the warm-up schedule is inside the optimiser. With None its learning rate is 1 and the
+    caller multiplies the updates by `scheduled_lr` (AdamW's decoupled decay scales with it too), so the run
+    length is an array of the train state rather than a constant of the compiled step.
     """
     optim = _optim_section(config)
     trainable = _check_labels(trainable, "trainable")
@@ -160,7 +191,7 @@ def make_optimizer(
         raise ValueError(f"optim.clip_norm must be >= 0 (0 disables clipping), got {optim.clip_norm!r}")
 
     adamw = optax.adamw(
-        make_schedule(optim, total_steps),
+        1.0 if total_steps is None else make_schedule(optim, total_steps),
         b1=optim.b1,
         b2=optim.b2,
         weight_decay=optim.weight_decay,

@@ -19,14 +19,12 @@ from ehrjax.data.batching import (
     batch_at,
     bucket_lengths,
     format_padding_report,
-    next_visit_label_space,
-    next_visit_labels,
-    outcome_labels,
     pack_rows,
     padding_report,
     to_device,
 )
 from ehrjax.data.cohort import Cohort
+from ehrjax.data.labels import next_visit_label_space, next_visit_labels, outcome_labels
 from ehrjax.data.tokenize import TokenizedCorpus, tokenize
 from ehrjax.data.vocab import CLS, Vocab
 

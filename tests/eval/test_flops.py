@@ -49,15 +49,16 @@ def test_from_config_and_mfu():
 
 def test_flop_model_matches_the_train_step_jaxpr():
     """Every dot_general of the jitted MLM train step (forward, backward, head) is accounted for exactly."""
-    from ehrjax.train.loop import build_trainer
+    from ehrjax.train.loop import build_run_trainer
 
     config = load_config_file(ROOT / "configs" / "smoke.py")
     config.task = "mlm"
     config.pretrain.num_patients = 300
-    trainer = build_trainer(config)
-    plan = trainer.train_batcher.plan_epoch(0)
-    jaxpr = jax.make_jaxpr(trainer.train_step)(trainer.state, plan.groups[0], jnp.int32(0), jax.random.key(0))
-    rows, row_len = trainer.train_batcher.shapes[0]
+    trainer = build_run_trainer(config)[0]
+    row_len, patient, cls = trainer.stacked_plan(0).batch(0)
+    args = (trainer.state, trainer.corpus, patient, cls, trainer.keys(), jnp.ones(1, bool))
+    jaxpr = jax.make_jaxpr(trainer.train_step(row_len).jitted)(*args)
+    rows, row_len = trainer.train_batchers[0].shapes[0]
     slots = num_mlm_slots(row_len, config.data.mask_prob, config.data.mlm_slot_factor)
     model = FlopModel.from_config(config.model, len(trainer.data.vocab))
     assert jaxpr_matmul_flops(jaxpr) == model.hardware_flops(rows, row_len, slots)

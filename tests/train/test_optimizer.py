@@ -19,6 +19,8 @@ from ehrjax.train.optimizer import (
     param_labels,
     parameter_report,
     partition_filter,
+    schedule_arrays,
+    scheduled_lr,
     state_size,
 )
 
@@ -196,8 +198,28 @@ def test_schedules():
     with pytest.raises(ValueError, match=r"optim\.schedule 'linear' unknown"):
         make_schedule(optim, total_steps=110)
     optim.schedule = "cosine"
-    with pytest.raises(ValueError, match=r"optim\.warmup_steps=10 must be below total_steps=10"):
-        make_schedule(optim, total_steps=10)
+    short = make_schedule(optim, total_steps=20)  # warm-up clamped to a tenth of the run: 2 steps
+    assert float(short(1)) == pytest.approx(0.5) and float(short(2)) == pytest.approx(1.0)
+    assert float(short(11)) == pytest.approx(0.5) and float(short(20)) == pytest.approx(0.0, abs=1e-6)
+    assert float(make_schedule(optim, total_steps=1)(0)) == pytest.approx(1.0)  # no warm-up left
+
+
+def test_external_schedule_equals_the_built_in_one():
+    """The trainer's optimiser has learning rate 1 and scales updates by `scheduled_lr` from state arrays."""
+    params = {"classifier": {"kernel": jnp.ones((3, 2))}}
+    config = optim_config(learning_rate=0.1, warmup_steps=2)
+    built_in = make_optimizer(config, params, {"head"}, total_steps=20)
+    unit = make_optimizer(config, params, {"head"})
+    arrays = schedule_arrays(config.optim, 20)
+    a_state, b_state, a, b = built_in.init(params), unit.init(params), params, params
+    for step in range(5):
+        grads = jax.tree.map(lambda x, scale=step + 1.0: x * scale, params)
+        ua, a_state = built_in.update(grads, a_state, a)
+        ub, b_state = unit.update(grads, b_state, b)
+        a = optax.apply_updates(a, ua)
+        lr = scheduled_lr(arrays, step)
+        b = optax.apply_updates(b, jax.tree.map(lambda u, lr=lr: u * lr, ub))
+    np.testing.assert_allclose(a["classifier"]["kernel"], b["classifier"]["kernel"], rtol=1e-6)
 
 
 def test_parameter_report_and_partition_filter():

@@ -1,0 +1,78 @@
+"""`python -m ehrjax.benchmark [--config configs/cpu.py] [--config.key=value ...]`: the whole study.
+
+    python -m ehrjax.benchmark                                    # the CPU default, minutes on 2 cores
+    python -m ehrjax.benchmark --config configs/a40.py
+    python -m ehrjax.benchmark --config.benchmark.arms=scratch,mlm_lora --config.benchmark.train_sizes=250,1000
+    python -m ehrjax.benchmark --config.resume=results/benchmark-cpu-<stamp>   # continue an interrupted one
+
+Writes `report.md`, `summary.json`, `plots/`, per-run `predictions.npz` and `metrics.jsonl`, the pre-training
+runs and exported embeddings under `--config.output_dir` (default `results/benchmark-<config>-<time>/`), and
+prints the result table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ehrjax.cli import one_line, parse_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experiment config file (get_config()).")
+
+
+def output_dir(config) -> Path:
+    if config.resume:
+        return Path(config.resume)
+    if config.output_dir:
+        return Path(config.output_dir)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("results") / f"benchmark-{config.name}-{stamp}"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        config = _CONFIG.value
+        config.get("name")
+    except OSError as err:
+        print(f"error: config: {one_line(err)}", file=sys.stderr)
+        return 2
+    if config.train.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    from ehrjax.benchmark.report import format_results_table, write_report
+    from ehrjax.benchmark.stages import Benchmark
+    from ehrjax.train.checkpoint import check_writable
+    from ehrjax.train.fit import TrainingDiverged
+
+    out = output_dir(config).absolute()
+    try:
+        if config.resume and not (out / "manifest.json").is_file():
+            raise ValueError(f"resume {out}: no manifest.json; not a benchmark directory")
+        bench = Benchmark(config, out, resume=bool(config.resume))  # validates before any work
+        check_writable(out)
+        summary = bench.run()
+        bench.say("report: writing")
+        stats = write_report(summary, out, n_boot=config.benchmark.n_boot)
+    except (ValueError, TrainingDiverged) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    print(format_results_table(stats))
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,138 @@
+"""Arms: what a fine-tuning run starts from and what it trains, as data (`config.arms.<name>`).
+
+An arm names a code-table source, an encoder source, the trainable partitions and LoRA settings. A user adds an
+arm with config alone, e.g. `--config.arms.my_arm=...` in a config file. Sources:
+
+- code table: `random` (the model's init), `mlm` (the table learned by MLM pre-training), `med2vec` (the
+  Med2Vec table, frozen), or a path to an embedding file (any format `ehrjax.embeddings.io` reads);
+- encoder: `random`, `mlm` (the MLM pre-trained encoder) or `med2vec_mlm` (the encoder pre-trained by MLM on
+  top of the frozen Med2Vec table).
+
+`kind` is `neural` for the arms above; `logreg` (bag-of-codes logistic regression) and `oracle` (the
+generator's true risk) are reference arms without a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from ehrjax.train.optimizer import PARTITIONS
+
+KINDS: tuple[str, ...] = ("neural", "logreg", "oracle")
+TABLE_SOURCES: tuple[str, ...] = ("random", "mlm", "med2vec")
+ENCODER_SOURCES: tuple[str, ...] = ("random", "mlm", "med2vec_mlm")
+EVERYTHING: tuple[str, ...] = ("code_table", "embeddings", "encoder", "head")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    kind: str = "neural"
+    description: str = ""
+    code_table: str = "random"  # TABLE_SOURCES or a file path
+    encoder: str = "random"  # ENCODER_SOURCES
+    trainable: tuple[str, ...] = EVERYTHING
+    lora: bool = False
+    lora_rank: int = 0  # 0: config.lora.rank
+    lora_targets: tuple[str, ...] = ()  # (): config.lora.targets
+
+    @property
+    def pretrained_run(self) -> str | None:
+        """Which pre-training the arm's weights come from: `mlm`, `med2vec_mlm` or None."""
+        if self.encoder != "random":
+            return self.encoder
+        return None
+
+    @property
+    def table_from_file(self) -> bool:
+        return self.code_table not in TABLE_SOURCES
+
+    def structure(self) -> tuple[Any, ...]:
+        """What decides the compiled program (besides shapes): runs of equal structure share one compile."""
+        return (self.trainable, self.lora, self.lora_rank, self.lora_targets)
+
+
+def _arm(name: str, kind: str, description: str, **kw: Any) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.kind = kind
+    c.description = description
+    c.code_table = kw.get("code_table", "random")
+    c.encoder = kw.get("encoder", "random")
+    c.trainable = tuple(kw.get("trainable", EVERYTHING))
+    c.lora = kw.get("lora", False)
+    c.lora_rank = kw.get("lora_rank", 0)
+    c.lora_targets = tuple(kw.get("lora_targets", ()))
+    return c
+
+
+def default_arms() -> ml_collections.ConfigDict:
+    """The study's arms (the `*_emb` arms isolate the embeddings; the `*_lora` arms add the encoder)."""
+    emb_rest = ("embeddings", "encoder", "head")
+    a = ml_collections.ConfigDict()
+    a.logreg = _arm("logreg", "logreg", "bag-of-codes counts + age + sex, scikit-learn logistic regression")
+    a.scratch = _arm("scratch", "neural", "random table and encoder, everything trained")
+    a.mlm_emb = _arm("mlm_emb", "neural", "MLM-learned table frozen, random encoder, the rest trained",
+                     code_table="mlm", trainable=emb_rest)  # fmt: skip
+    a.med2vec_emb = _arm("med2vec_emb", "neural", "Med2Vec table frozen, random encoder, the rest trained",
+                         code_table="med2vec", trainable=emb_rest)  # fmt: skip
+    a.mlm_lora = _arm("mlm_lora", "neural", "MLM-learned table and MLM encoder frozen; LoRA adapters + head",
+                      code_table="mlm", encoder="mlm", trainable=("lora", "head"), lora=True)  # fmt: skip
+    a.med2vec_lora = _arm("med2vec_lora", "neural",
+                          "Med2Vec table frozen, encoder MLM-pre-trained on it, frozen; LoRA adapters + head",
+                          code_table="med2vec", encoder="med2vec_mlm", trainable=("lora", "head"),
+                          lora=True)  # fmt: skip
+    a.mlm_full = _arm("mlm_full", "neural", "MLM pre-trained table and encoder, everything fine-tuned",
+                      code_table="mlm", encoder="mlm")  # fmt: skip
+    a.oracle = _arm("oracle", "oracle", "the generator's true risk (the ceiling)")
+    return a
+
+
+def reference_arm(description: str, **kw: Any) -> ml_collections.ConfigDict:
+    """A neural arm entry for a config file (`c.arms.my_arm = reference_arm("...", code_table="mlm", ...)`)."""
+    return _arm("", "neural", description, **kw)
+
+
+def arm_from_config(name: str, arms: ml_collections.ConfigDict) -> Arm:
+    """The arm `name` of `config.arms`, validated (one-line errors naming the key)."""
+    if name not in arms:
+        raise ValueError(f"arm {name!r} unknown; expected one of {tuple(arms.keys())} (config.arms)")
+    c = arms[name]
+    key = f"arms.{name}"
+    if c.kind not in KINDS:
+        raise ValueError(f"{key}.kind {c.kind!r} unknown; expected one of {KINDS}")
+    if c.encoder not in ENCODER_SOURCES:
+        raise ValueError(f"{key}.encoder {c.encoder!r} unknown; expected one of {ENCODER_SOURCES}")
+    if c.code_table not in TABLE_SOURCES and not c.code_table.strip():
+        raise ValueError(f"{key}.code_table is empty; expected one of {TABLE_SOURCES} or an embedding file path")
+    if c.code_table not in TABLE_SOURCES and not Path(c.code_table).exists():
+        raise ValueError(f"{key}.code_table {c.code_table!r}: no such file; expected one of {TABLE_SOURCES} or a file")
+    trainable = tuple(c.trainable)
+    unknown = sorted(set(trainable) - set(PARTITIONS))
+    if unknown:
+        raise ValueError(f"{key}.trainable has unknown partition(s) {unknown}; expected some of {PARTITIONS}")
+    if c.kind == "neural" and not trainable:
+        raise ValueError(f"{key}.trainable is empty; name some of {PARTITIONS}")
+    if "lora" in trainable and not c.lora:
+        raise ValueError(f"{key}.trainable names 'lora' but {key}.lora is False")
+    if c.lora and "lora" not in trainable:
+        raise ValueError(f"{key}.lora is True but 'lora' is not in {key}.trainable: the adapters would stay at zero")
+    return Arm(
+        name=name, kind=c.kind, description=c.description, code_table=c.code_table, encoder=c.encoder,
+        trainable=trainable, lora=bool(c.lora), lora_rank=int(c.lora_rank), lora_targets=tuple(c.lora_targets),
+    )  # fmt: skip
+
+
+def arm_lora_config(arm: Arm, lora: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """`config.lora` with the arm's rank and targets, or None for an arm without adapters."""
+    if not arm.lora:
+        return None
+    out = ml_collections.ConfigDict(lora.to_dict())
+    if arm.lora_rank:
+        out.rank = arm.lora_rank
+    if arm.lora_targets:
+        out.targets = arm.lora_targets
+    return out

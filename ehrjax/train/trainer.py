@@ -1,0 +1,291 @@
+"""A trainer built from explicit inputs: task data, initial parameters, an optional code table, the trainable
+partitions and LoRA settings, for S seeds at once. It reads no files and knows no arm names.
+
+Every state array carries a leading seed axis. Each seed has its own initial draw (adapters, heads, untrained
+weights; pre-trained weights are the same for all), its own data order (a batcher seeded by the seed), its own
+PRNG key and its own schedule arrays. The compiled steps come from a `ProgramCache`: runs whose programs are
+identical (same model structure, trainable partitions, optimiser constants, seed count and batch shapes)
+reuse one compile, whatever their labelled-set size or seeds, because the run length lives in the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ehrjax.data.batching import DeviceBatcher, DeviceCorpus, to_device
+from ehrjax.data.tasks import TaskData
+from ehrjax.embeddings.io import set_code_table
+from ehrjax.models.behrt import Behrt, load_pretrained
+from ehrjax.train.optimizer import (
+    make_optimizer,
+    param_labels,
+    parameter_report,
+    schedule_arrays,
+)
+from ehrjax.train.steps import StepConfig, make_eval_step, make_mlm_targets_step, make_train_step
+
+METRIC_CODES = 200  # MLM macro one-vs-rest metrics over the most frequent training codes
+
+
+class ProgramCache:
+    """Jitted step programs keyed by what they close over, with a count and the time of every compilation.
+
+    jax.jit compiles a function object once per input signature; keeping the function objects here lets
+    trainers of identical structure share their compiled programs.
+    """
+
+    def __init__(self) -> None:
+        self._programs: dict[Any, Callable] = {}
+        self.compiles: list[tuple[str, float, str]] = []  # (program name, seconds, context)
+        self.context = ""  # what the caller is running (e.g. 'scratch/n250'), recorded with each compile
+
+    def get(self, name: str, key: Any, build: Callable[[], Callable]) -> Callable:
+        full = (name, key)
+        if full not in self._programs:
+            self._programs[full] = build()
+        fn = self._programs[full]
+
+        def call(*args: Any) -> Any:
+            before = fn._cache_size()
+            start = time.perf_counter()
+            out = fn(*args)
+            if fn._cache_size() > before:  # this call traced and compiled a new signature
+                self.compiles.append((name, time.perf_counter() - start, self.context))
+            return out
+
+        call.jitted = fn  # for ahead-of-time lowering (profiling, memory analysis)
+        return call
+
+    @property
+    def num_compiles(self) -> int:
+        return len(self.compiles)
+
+    @property
+    def compile_seconds(self) -> float:
+        return float(sum(c[1] for c in self.compiles))
+
+
+PROGRAMS = ProgramCache()  # the process-wide cache
+
+
+def stack(trees: Sequence[Any]) -> Any:
+    """Stack pytrees of equal structure along a new leading (seed) axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: Any, index: int) -> Any:
+    """Seed `index` of a stacked pytree."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def stacked_where(mask: jax.Array, new: Any, old: Any) -> Any:
+    """Per seed (mask bool[S]), take `new` where True and `old` elsewhere."""
+    return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedPlan:
+    """One epoch of S seeds: per shape group (row_len, patient_index int32[nb, S, rows, slots], cls_index) and
+    `order` int32[num_batches, 2] = (group, batch in group)."""
+
+    groups: list[tuple[int, jax.Array, jax.Array]]
+    order: np.ndarray
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.order)
+
+    def batch(self, k: int) -> tuple[int, jax.Array, jax.Array]:
+        """(row_len, patient_index int32[S, rows, slots], cls_index) of batch `k`."""
+        g, j = (int(x) for x in self.order[k])
+        row_len, patient, cls = self.groups[g]
+        return row_len, patient[j], cls[j]
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Data, stacked states, batchers and compiled-on-first-use steps of S seeds of one run."""
+
+    data: TaskData
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    state: dict[str, Any]  # {'params', 'opt_state', 'step', 'schedule'}, each with a leading seed axis
+    seeds: tuple[int, ...]
+    trainable: tuple[str, ...]
+    report: Any  # ParamReport
+    loaded: dict[str, list[str]] | None
+    mesh: Mesh | None
+    corpus: DeviceCorpus
+    train_batchers: list[DeviceBatcher]
+    val_batcher: DeviceBatcher
+    test_batcher: DeviceBatcher
+    step_cfg: StepConfig
+    epochs: int
+    programs: ProgramCache
+    _train: dict[int, Callable]
+    _eval: dict[int, Callable]
+    metric_codes: jax.Array
+    data_cfg: Any
+
+    @property
+    def num_seeds(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.train_batchers[0].num_batches
+
+    @property
+    def task(self) -> str:
+        return self.data.task
+
+    def keys(self) -> jax.Array:
+        """Each seed's run key [S]."""
+        return jnp.stack([jax.random.key(s) for s in self.seeds])
+
+    def stacked_plan(self, epoch: int) -> SeedPlan:
+        """Every seed's plan of epoch `epoch` (its own data order), stacked: seeds share the sequence of batch
+        shapes (the first seed's; one shape in `pack` and `pad_max`) and each takes its own next batch of
+        that shape."""
+        plans = [b.plan_epoch(epoch) for b in self.train_batchers]
+        groups = [
+            (plans[0].groups[g].row_len,
+             jnp.stack([p.groups[g].patient_index for p in plans], axis=1),
+             jnp.stack([p.groups[g].cls_index for p in plans], axis=1))
+            for g in range(len(plans[0].groups))
+        ]  # fmt: skip
+        return SeedPlan(groups=groups, order=plans[0].order)
+
+    def train_step(self, row_len: int) -> Callable:
+        return self._train[row_len]
+
+    def eval_step(self, row_len: int) -> Callable:
+        return self._eval[row_len]
+
+    def mlm_targets_step(self, row_len: int) -> Callable:
+        return self.programs.get(
+            "mlm_targets", (self.step_cfg, row_len, self.mesh),
+            lambda: make_mlm_targets_step(self.step_cfg, row_len, self.mesh),
+        )  # fmt: skip
+
+    def batcher(self, patients: np.ndarray) -> DeviceBatcher:
+        """A fixed-order batcher over corpus rows `patients`, sharing the device corpus."""
+        return _batcher(self.data_cfg, self.data, patients, self.seeds[0], self.mesh, self.corpus)
+
+
+def _batcher(
+    data_cfg: Any, data: TaskData, patients: np.ndarray, seed: int, mesh: Mesh | None, corpus: DeviceCorpus
+) -> DeviceBatcher:
+    return DeviceBatcher.from_config(data_cfg, data.corpus, seed=seed, patients=patients, mesh=mesh,
+                                     device_corpus=corpus)  # fmt: skip
+
+
+def init_seed_params(
+    model_cfg: ml_collections.ConfigDict,
+    data: TaskData,
+    seed: int,
+    *,
+    lora_cfg: ml_collections.ConfigDict | None,
+    pretrained: nnx.State | None,
+    code_table: np.ndarray | None,
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State, dict[str, list[str]] | None]:
+    """One seed's model: initial draw from `seed`, then the pre-trained weights, then the imported table."""
+    model = Behrt(
+        model_cfg, len(data.vocab), num_labels=data.num_labels, lora_cfg=lora_cfg, mlm_head=data.task == "mlm",
+        rngs=nnx.Rngs(params=seed),
+    )  # fmt: skip
+    loaded = load_pretrained(model, pretrained) if pretrained is not None else None
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if code_table is not None:
+        params = set_code_table(params, code_table)
+    return graphdef, params, rest, loaded
+
+
+def build_trainer(
+    data: TaskData,
+    *,
+    model_cfg: ml_collections.ConfigDict,
+    optim_cfg: ml_collections.ConfigDict,
+    data_cfg: ml_collections.ConfigDict,
+    trainable: Collection[str],
+    seeds: Sequence[int],
+    epochs: int,
+    max_eval_patients: int,
+    lora_cfg: ml_collections.ConfigDict | None = None,
+    pretrained: nnx.State | None = None,
+    code_table: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+    corpus: DeviceCorpus | None = None,
+    programs: ProgramCache | None = None,
+) -> Trainer:
+    """A trainer for `data` (train split = the labelled set; val capped at `max_eval_patients`).
+
+    pretrained: parameters of a pre-trained model, loaded wherever their paths exist in this model (the
+    same for every seed). code_table: f32[len(vocab), embed_dim] replacing the code table. corpus: `data`'s
+    corpus already on the device (shared between the runs of a grid); uploaded once otherwise.
+    """
+    programs = programs if programs is not None else PROGRAMS
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {list(seeds)}")
+    if epochs <= 0:
+        raise ValueError(f"train.epochs must be > 0, got {epochs}")
+    trainable = tuple(trainable)
+    built = [init_seed_params(model_cfg, data, s, lora_cfg=lora_cfg, pretrained=pretrained, code_table=code_table)
+             for s in seeds]  # fmt: skip
+    graphdef, _, rest, loaded = built[0]
+    params = stack([b[1] for b in built])
+    per_seed = built[0][1]
+    tx = make_optimizer(optim_cfg, per_seed, trainable)
+    labels = jax.tree.leaves(param_labels(per_seed))
+    trainable_mask = tuple(label in trainable for label in labels)
+
+    if corpus is None:
+        corpus = to_device(data.corpus, data.labels, mesh)
+    train_batchers = [
+        _batcher(data_cfg, data, data.splits["train"], s, mesh, corpus) for s in seeds
+    ]
+    val_batcher = _batcher(data_cfg, data, data.splits["val"][:max_eval_patients], seeds[0], mesh, corpus)
+    test_batcher = _batcher(data_cfg, data, data.splits["test"], seeds[0], mesh, corpus)
+    total_steps = epochs * train_batchers[0].num_batches
+    schedule = stack([schedule_arrays(optim_cfg, total_steps)] * len(seeds))
+    opt_state = jax.vmap(tx.init)(params)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros(len(seeds), jnp.int32),
+             "schedule": schedule}  # fmt: skip
+    # Committed like the step's outputs, so the second step reuses the first one's compile.
+    state = jax.device_put(state, NamedSharding(mesh, P()) if mesh is not None else jax.devices()[0])
+
+    step_cfg = StepConfig(
+        task=data.task, vocab_size=len(data.vocab), mask_prob=data_cfg.mask_prob,
+        mlm_slot_factor=data_cfg.mlm_slot_factor, schedule=optim_cfg.schedule,
+    )  # fmt: skip
+    optim_key = tuple(optim_cfg[k] for k in ("weight_decay", "clip_norm", "b1", "b2"))
+    row_lens = sorted({length for b in (*train_batchers, val_batcher, test_batcher) for _, length in b.shapes})
+    train_steps, eval_steps = {}, {}
+    for row_len in row_lens:
+        key = (graphdef, jax.tree.structure(rest), step_cfg, trainable_mask, optim_key, row_len, mesh)
+        train_steps[row_len] = programs.get(
+            "train", key, lambda r=row_len: make_train_step(graphdef, rest, tx, step_cfg, trainable_mask, r, mesh)
+        )
+        eval_steps[row_len] = programs.get(
+            "eval", key[:3] + key[5:], lambda r=row_len: make_eval_step(graphdef, rest, step_cfg, r, mesh)
+        )
+    trainer = Trainer(
+        data=data, graphdef=graphdef, rest=rest, state=state, seeds=seeds, trainable=trainable,
+        report=parameter_report(per_seed, trainable), loaded=loaded, mesh=mesh, corpus=corpus,
+        train_batchers=train_batchers, val_batcher=val_batcher, test_batcher=test_batcher, step_cfg=step_cfg,
+        epochs=epochs, programs=programs, _train=train_steps, _eval=eval_steps,
+        metric_codes=jnp.asarray(data.frequent_codes(METRIC_CODES), jnp.int32), data_cfg=data_cfg,
+    )  # fmt: skip
+    return trainer

@@ -1,0 +1,120 @@
+"""`python -m ehrjax.benchmark` end to end on the smoke config, its one-line config errors, and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# Small enough for CI: one pre-training epoch, three fine-tuning epochs, two seeds, two sizes.
+QUICK = ("--config.benchmark.train_sizes=100,300", "--config.benchmark.seeds=0,1",
+         "--config.benchmark.pretrain_epochs=1", "--config.benchmark.finetune_epochs=3",
+         "--config.benchmark.n_boot=100", "--config.finetune.num_patients=3000",
+         "--config.train.progress=False")  # fmt: skip
+
+
+def run_benchmark(*args, timeout=900):
+    return subprocess.run(
+        [sys.executable, "-m", "ehrjax.benchmark", "--config", str(ROOT / "configs" / "smoke.py"), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("arg", "needle"),
+    [
+        ("--config.benchmark.arms=scratch,nonsense", "arm 'nonsense' unknown"),
+        ("--config.benchmark.trainsizes=100", "trainsizes"),
+        ("--config.benchmark.train_sizes=100,99999", "exceeds the"),
+        ("--config.med2vec.path=/nonexistent/m.npz", "does not exist"),
+    ],
+)
+def test_bad_config_is_one_line_before_any_work(tmp_path, arg, needle):
+    out = tmp_path / "bench"
+    result = run_benchmark(arg, f"--config.output_dir={out}", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists()
+
+
+def test_a_pickled_code_map_needs_the_opt_in(tmp_path):
+    import pickle
+
+    table = tmp_path / "m.npz"
+    rng = np.random.default_rng(0)
+    np.savez(table, W_emb=rng.normal(size=(3, 4)), b_emb=np.zeros(4), W_hidden=np.zeros((4, 4)), b_hidden=np.zeros(4),
+             W_output=np.zeros((4, 3)), b_output=np.zeros(3))  # fmt: skip
+    (tmp_path / "m.types").write_bytes(pickle.dumps({"D_1": 0, "D_2": 1, "D_3": 2}))
+    result = run_benchmark(f"--config.med2vec.path={table}", f"--config.output_dir={tmp_path / 'bench'}", timeout=300)
+    assert result.returncode == 2 and "allow_pickle" in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    result = run_benchmark(*QUICK, f"--config.output_dir={out}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result.stdout
+
+
+def test_smoke_benchmark_writes_a_sane_report(smoke_run):
+    out, stdout = smoke_run
+    for name in ("report.md", "summary.json", "manifest.json", "plots/data_efficiency.png", "plots/roc_pr.png",
+                 "pretrain_mlm/metrics.jsonl", "pretrain_med2vec_mlm/export/code_embeddings.npz"):  # fmt: skip
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    rows = summary["stats"]["rows"]
+    assert {r["arm"] for r in rows} == set(summary["config"]["benchmark"]["arms"].split(","))
+    for row in rows:
+        lo, hi = row["auroc_ci"]
+        assert 0.0 <= lo <= row["auroc"] <= hi <= 1.0, row
+    by = {(r["arm"], r["size"]): r["auroc"] for r in rows}
+    for size in (100, 300):
+        assert by[("oracle", size)] >= by[("logreg", size)]
+        assert by[("scratch", size)] > 0.55
+    mlm = summary["pretraining"]["mlm"]
+    assert mlm["test"]["loss"] > 0 and {"unigram", "copy"} <= set(mlm["baselines"])
+    assert "Med2Vec" in (out / "report.md").read_text() and "AUROC" in stdout
+    # every fine-tuning run left predictions whose AUROC the report recomputes from the file
+    runs = [r for r in summary["runs"] if r["arm"] == "scratch"]
+    assert len(runs) == 4 and all((out / r["predictions"]).is_file() for r in runs)
+    # one compile per distinct program: scratch = mlm_full, mlm_emb = med2vec_emb, mlm_lora = med2vec_lora
+    assert summary["compiles"]["finetune"] <= 2 * 3
+
+
+def test_cohort_manifest_compares_prefixes(smoke_run, tmp_path):
+    out, _ = smoke_run
+    from ehrjax.benchmark.manifest import compare_prefixes
+
+    same = compare_prefixes(out, out)
+    assert same["pretrain"]["identical"] and same["finetune"]["identical"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_summary(smoke_run, tmp_path):
+    """Kill the benchmark mid-grid, resume it: finished stages are skipped and the numbers equal the
+    uninterrupted run's."""
+    reference, _ = smoke_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "ehrjax.benchmark", "--config", str(ROOT / "configs" / "smoke.py"), *QUICK,
+           f"--config.output_dir={out}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and not list((out / "runs").glob("*/n100/seed0/predictions.npz")):
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.md").exists()
+    resumed = run_benchmark(*QUICK, f"--config.resume={out}")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "skipped" in resumed.stdout + resumed.stderr
+    a = json.loads((reference / "summary.json").read_text())["stats"]["rows"]
+    b = json.loads((out / "summary.json").read_text())["stats"]["rows"]
+    assert [(r["arm"], r["size"], r["auroc"]) for r in a] == [(r["arm"], r["size"], r["auroc"]) for r in b]
