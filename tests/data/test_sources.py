@@ -94,7 +94,8 @@ def test_train_on_meds_end_to_end(meds_config):
     c.train.epochs = 1
     c.output_dir = str(tmp_path / "mlm")
     mlm = train(c)
-    assert (Path(mlm.workdir) / "export" / "code_embeddings.safetensors").is_file()
+    for name in ("code_embeddings.safetensors", "code_embeddings.txt"):
+        assert (Path(mlm.workdir) / "export" / name).is_file(), name
     c.task, c.arm, c.init_from = "outcome", "mlm_lora", str(mlm.workdir)
     c.data.meds_dir = str(tmp_path / "finetune")
     c.data.meds_labels = str(tmp_path / "finetune" / "outcome")
