@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.output_dir = ""  # '' -> results/<name>-<timestamp>/
 
     c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"  # 'synthetic' (seeded generator) | 'meds' (a MEDS 0.4 dataset, ehrjax.data.meds)
+    c.data.meds_dir = ""  # meds: the dataset folder (data/, metadata/); mlm reads every subject
+    c.data.meds_labels = ""  # meds: folder of label parquet files (subject_id, prediction_time, boolean_value)
+    c.data.meds_visit_hours = 0.0  # meds: events <= this many hours apart form one visit (0: same timestamp)
     c.data.num_noise_codes = 1000
     c.data.min_count = 1
     c.data.batching = "pack"  # 'pack' | 'bucket' | 'pad_max'
@@ -89,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.arms = default_arms()  # name -> code table / encoder source, trainable partitions, LoRA (ehrjax.train.arms)
     c.init_from = ""  # a checkpoint directory of a pre-training run to start from
     c.resume = ""  # a run directory to continue (its config must match)
-    c.embeddings_from = ""  # code vectors to import and freeze (Med2Vec .npz, word2vec .txt, .npy, an export)
+    c.embeddings_from = ""  # code vectors to import and freeze (Med2Vec .npz, word2vec .txt, .npy, cui2vec .csv,
+    # a Hugging Face model folder, an ehrjax export)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 10

@@ -15,7 +15,7 @@ import numpy as np
 
 from ehrjax.data.cohort import Cohort, ragged_index
 from ehrjax.data.labels import next_visit_label_space, next_visit_labels, outcome_labels
-from ehrjax.data.synthetic import generate_cohort
+from ehrjax.data.sources import task_cohort
 from ehrjax.data.tokenize import TokenizedCorpus, tokenize
 from ehrjax.data.vocab import NUM_SPECIAL, Vocab
 
@@ -74,15 +74,6 @@ class TaskData:
         if self.task == "outcome":
             out["prevalence"] = {k: float(self.labels[v, 0].mean()) for k, v in self.splits.items() if len(v)}
         return out
-
-
-def task_cohort(config: Any, task: str) -> Cohort:
-    """The synthetic cohort a task trains on (pre-training or fine-tuning stream, sized by the config)."""
-    if task not in TASKS:
-        raise ValueError(f"task {task!r} unknown; expected one of {TASKS}")
-    section = config.pretrain if task == "mlm" else config.finetune
-    stream = "pretrain" if task == "mlm" else "finetune"
-    return generate_cohort(section.num_patients, section.seed, stream, config.data.num_noise_codes)
 
 
 def build_vocab(cohort: Cohort, min_count: int = 1) -> Vocab:

@@ -7,7 +7,16 @@ Formats, chosen by extension (then content for other text files):
   (safe JSON, preferred) and `X.types` (the original tool's pickled dict, read only with
   `allow_pickle=True`). Code vectors are `ReLU(W_emb)`, as in the paper.
 * word2vec text (`.txt`, `.vec`, `.w2v` or any text file): a header `n d`, then `code v1 ... vd` per line.
-  A file without the header (GloVe) is read too.
+  A file without the header (GloVe) is read too. Percent-escaped whitespace and `%` in names (`%20`, `%25`,
+  as ehrjax's export writes them, `escape_word2vec_code`) are decoded.
+* cui2vec-style CSV (`.csv`): the first column is the concept id (or code), the others the vector; a header
+  row is optional (detected: a first row whose values are not numbers, or one with an empty first cell and
+  the column numbers, as pandas writes it).
+* a local Hugging Face model folder: `model.safetensors` (or a sharded `model.safetensors.index.json`) and
+  `vocab.txt` (token per line, row = line) or `tokenizer.json` (`model.vocab` plus `added_tokens`). The
+  table is the tensor `tensor_name`, else the one tensor named `*embeddings.word_embeddings.weight`; rows
+  beyond the vocabulary are ignored. A pickled `pytorch_model.bin` is read (with torch, `weights_only`) only
+  with `allow_pickle=True`.
 * `X.npy` f[n, d] plus a JSON codes file (`codes_path`, else `X.json`, `X.vocab.json`, `X.types.json`):
   a list of codes (row i = code i), a `{code: row}` map, or an ehrjax Vocab JSON (rows = vocab ids; rows of
   special tokens are ignored).
@@ -45,6 +54,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +66,7 @@ from ehrjax.data.vocab import NUM_SPECIAL, PAD, SPECIAL_TOKENS, Vocab
 MED2VEC_KEYS: frozenset[str] = frozenset({"W_emb", "b_emb", "W_hidden", "b_hidden", "W_output", "b_output"})
 EHRJAX_TABLE_KEY = "code_embeddings"  # ehrjax.train.export.export_code_table: rows = vocab ids, vocab.json beside
 TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".vec", ".w2v")
+HF_TABLE_SUFFIX = "embeddings.word_embeddings.weight"  # BERT-style input embeddings in a Hugging Face model
 RESCALE_MODES: tuple[str, ...] = ("match_init", "standardize", "none")
 MISSING_INITS: tuple[str, ...] = ("normal", "zeros")
 DEFAULT_INIT_STD = 0.02  # the model's code-table init, ehrjax.models.embeddings.EMBED_INIT
@@ -213,6 +224,27 @@ def vocab_token_counts(cohort: Cohort, vocab: Vocab) -> np.ndarray:
     counts = np.zeros(len(vocab), dtype=np.int64)
     np.add.at(counts, vocab.ids(cohort.code_names), cohort.code_counts())
     return counts
+
+
+def escape_word2vec_code(code: str) -> str:
+    """A code as a word2vec name: whitespace and `%` percent-escaped as UTF-8 (`A B%` -> `A%20B%25`)."""
+    return "".join(quote(ch, safe="") if ch.isspace() or ch == "%" else ch for ch in code)
+
+
+_ESCAPED_RUN = re.compile(r"(?:%[0-9A-F]{2})+")
+
+
+def unescape_word2vec_code(name: str) -> str:
+    """Undo `escape_word2vec_code`: escapes that decode to whitespace or `%` are decoded, others kept."""
+
+    def decode(match: re.Match) -> str:
+        try:
+            text = unquote(match.group(), errors="strict")
+        except UnicodeDecodeError:
+            return match.group()
+        return "".join(ch if ch.isspace() or ch == "%" else quote(ch, safe="") for ch in text)
+
+    return _ESCAPED_RUN.sub(decode, name) if "%" in name else name
 
 
 def _one_line(err: BaseException) -> str:
@@ -388,16 +420,162 @@ def _read_text(path: Path) -> tuple[list[str | None], np.ndarray, str]:
     except ValueError as err:
         raise ValueError(f"embedding file {path}: unknown format (values are not numbers: {_one_line(err)})") from err
     _check_finite(vectors, path, "the vectors")
-    codes: list[str | None] = [parts[0] for parts in body]
+    codes: list[str | None] = [unescape_word2vec_code(parts[0]) for parts in body]
     return codes, vectors, fmt
 
 
+def _is_header(row: list[str]) -> bool:
+    """A CSV row is a header if its values are not numbers, or if its first cell is empty and its values are
+    the column numbers (0..d-1 or 1..d)."""
+    try:
+        values = np.asarray(row[1:], dtype=np.float64)
+    except ValueError:
+        return True
+    positions = np.arange(len(values))
+    numbered = np.array_equal(values, positions) or np.array_equal(values, positions + 1)
+    return bool(numbered and not row[0].strip())
+
+
+def _read_csv(path: Path) -> tuple[list[str | None], np.ndarray]:
+    """cui2vec-style CSV: `id, v1, ..., vd` per row, an optional header."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [row for row in csv.reader(fh) if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"embedding file {path}: not a readable CSV file ({_one_line(err)})") from err
+    if rows and _is_header(rows[0]):
+        rows = rows[1:]
+    if not rows:
+        raise ValueError(f"embedding file {path}: empty")
+    d = len(rows[0]) - 1
+    widths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    if d < 1 or np.any(widths != d + 1):
+        k = int(np.flatnonzero(widths != d + 1)[0]) if d >= 1 else 0
+        raise ValueError(f"embedding file {path}: data row {k + 1} has {widths[k] - 1} values, expected {max(d, 1)}")
+    try:
+        vectors = np.array([row[1:] for row in rows], dtype=np.float64)
+    except ValueError as err:
+        raise ValueError(f"embedding file {path}: values are not numbers ({_one_line(err)})") from err
+    _check_finite(vectors, path, "the vectors")
+    return [row[0].strip() for row in rows], vectors
+
+
+def _hf_tokens(folder: Path) -> tuple[list[str | None], Path]:
+    """The tokenizer's tokens by id: `vocab.txt` (row = line) or `tokenizer.json`."""
+    vocab_txt, tokenizer = folder / "vocab.txt", folder / "tokenizer.json"
+    if vocab_txt.is_file():
+        try:
+            return list(vocab_txt.read_text(encoding="utf-8").splitlines()), vocab_txt
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"embedding folder {folder}: {vocab_txt.name} is not readable ({_one_line(err)})") from err
+    if not tokenizer.is_file():
+        raise ValueError(f"embedding folder {folder}: no vocab.txt or tokenizer.json for the rows' tokens")
+    payload = _read_json(tokenizer, folder)
+    vocab = payload.get("model", {}).get("vocab") if isinstance(payload, dict) else None
+    pairs: list[tuple[str, int]] = []
+    if isinstance(vocab, dict):
+        pairs = list(vocab.items())
+    elif isinstance(vocab, list):  # Unigram: [[token, score], ...], id = position
+        pairs = [(entry[0], i) for i, entry in enumerate(vocab) if isinstance(entry, list) and entry]
+    else:
+        raise ValueError(f"embedding folder {folder}: tokenizer.json has no model.vocab")
+    pairs += [(t.get("content"), t.get("id")) for t in payload.get("added_tokens", []) if isinstance(t, dict)]
+    if not all(isinstance(tok, str) and isinstance(i, int) and i >= 0 for tok, i in pairs):
+        raise ValueError(f"embedding folder {folder}: tokenizer.json vocab must map strings to ids >= 0")
+    tokens: list[str | None] = [None] * (max(i for _, i in pairs) + 1 if pairs else 0)
+    for tok, i in pairs:
+        if tokens[i] is not None and tokens[i] != tok:
+            raise ValueError(f"embedding folder {folder}: tokenizer.json gives id {i} to {tokens[i]!r} and {tok!r}")
+        tokens[i] = tok
+    return tokens, tokenizer
+
+
+def _pick_tensor(folder: Path, names: Sequence[str], tensor_name: str | None) -> str:
+    if tensor_name is not None:
+        if tensor_name not in names:
+            raise ValueError(
+                f"embedding folder {folder}: no tensor {tensor_name!r} (tensors ending in 'weight': "
+                f"{[n for n in names if n.endswith('weight')][:8]})"
+            )
+        return tensor_name
+    found = [n for n in names if n.endswith(HF_TABLE_SUFFIX)]
+    if len(found) != 1:
+        what = "no tensor" if not found else f"{len(found)} tensors ({found})"
+        raise ValueError(f"embedding folder {folder}: {what} named *{HF_TABLE_SUFFIX}; pass tensor_name")
+    return found[0]
+
+
+def _read_hf_folder(
+    folder: Path, tensor_name: str | None, allow_pickle: bool
+) -> tuple[list[str | None], np.ndarray, Path]:
+    """A Hugging Face model folder -> (tokens by row, the input-embedding table, the tokens file)."""
+    tokens, source = _hf_tokens(folder)
+    single, index, pickled = folder / "model.safetensors", folder / "model.safetensors.index.json", None
+    try:
+        if single.is_file() or index.is_file():
+            from safetensors import safe_open
+
+            if single.is_file():
+                with safe_open(str(single), framework="numpy") as fh:
+                    names = list(fh.keys())
+                shard_of = dict.fromkeys(names, single.name)
+            else:
+                weight_map = _read_json(index, folder).get("weight_map", {})
+                names, shard_of = list(weight_map), weight_map
+            name = _pick_tensor(folder, names, tensor_name)
+            with safe_open(str(folder / shard_of[name]), framework="numpy") as fh:
+                table = fh.get_tensor(name)
+        elif (folder / "pytorch_model.bin").is_file():
+            pickled = folder / "pytorch_model.bin"
+            if not allow_pickle:
+                raise ValueError(
+                    f"embedding folder {folder}: only a pickled pytorch_model.bin; pass allow_pickle=True only for "
+                    "a folder you trust, or save the model as model.safetensors"
+                )
+            try:
+                import torch
+            except ImportError as err:
+                raise ValueError(
+                    f"embedding folder {folder}: reading pytorch_model.bin needs torch (pip install torch)"
+                ) from err
+            state = torch.load(pickled, map_location="cpu", weights_only=True)
+            name = _pick_tensor(folder, list(state), tensor_name)
+            table = state[name].float().numpy()
+        else:
+            raise ValueError(
+                f"embedding folder {folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+            )
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors and torch raise many kinds
+        raise ValueError(f"embedding folder {folder}: cannot read the model ({_one_line(err)})") from err
+    if table.ndim != 2:
+        raise ValueError(f"embedding folder {folder}: tensor {name!r} has shape {table.shape}, expected 2-d")
+    if len(table) < len(tokens):
+        raise ValueError(f"embedding folder {folder}: tensor {name!r} has {len(table)} rows for {len(tokens)} tokens")
+    if table.dtype not in (np.float32, np.float64):  # float16, bfloat16 (ml_dtypes), ...
+        table = table.astype(np.float32)
+    _check_finite(table, folder, f"tensor {name!r}")
+    return tokens + [None] * (len(table) - len(tokens)), table, source
+
+
 def read_code_vectors(
-    path: str | os.PathLike, *, codes_path: str | os.PathLike | None = None, allow_pickle: bool = False
+    path: str | os.PathLike,
+    *,
+    codes_path: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    tensor_name: str | None = None,
 ) -> tuple[list[str | None], np.ndarray, str, Path | None]:
-    """The file's codes (by row), vectors f[n, d] (ReLU(W_emb) for Med2Vec), format name and codes file."""
+    """The file's codes (by row; None for rows without one), vectors f[n, d] (ReLU(W_emb) for Med2Vec), format
+    name and codes file. `path` may be a Hugging Face model folder (`tensor_name` picks its tensor)."""
     path = Path(path)
     codes_path = Path(codes_path) if codes_path is not None else None
+    if path.is_dir():
+        codes, vectors, source = _read_hf_folder(path, tensor_name, allow_pickle)
+        _check_unique(codes, path)
+        return codes, vectors, "huggingface", source
     if not path.is_file():
         raise ValueError(f"embedding file {path}: does not exist")
     if codes_path is not None and not codes_path.is_file():
@@ -422,9 +600,13 @@ def read_code_vectors(
             raise ValueError(f"embedding file {path}: not a readable .npy ({_one_line(err)})") from err
         codes, vectors, source = _read_table(path, vectors, codes_path, table_json)
         fmt = "npy"
+    elif suffix == ".csv":
+        codes, vectors = _read_csv(path)
+        fmt, source = "cui2vec", None
     elif suffix in (".bin", ".pkl", ".pickle", ".pt", ".h5"):
         raise ValueError(
-            f"embedding file {path}: unknown format {suffix}; expected Med2Vec .npz, .npy + codes JSON or word2vec text"
+            f"embedding file {path}: unknown format {suffix}; expected Med2Vec .npz, .npy + codes JSON, word2vec "
+            "text, a .csv or a Hugging Face model folder"
         )
     else:
         codes, vectors, fmt = _read_text(path)
@@ -455,6 +637,7 @@ def load_code_table(
     embed_dim: int | None = None,
     codes_path: str | os.PathLike | None = None,
     allow_pickle: bool = False,
+    tensor_name: str | None = None,
     missing_init: str = "normal",
     rescale: str = "match_init",
     init_std: float = DEFAULT_INIT_STD,
@@ -476,7 +659,9 @@ def load_code_table(
     if rescale not in RESCALE_MODES:
         raise ValueError(f"rescale {rescale!r} unknown; expected one of {RESCALE_MODES}")
     path = Path(path)
-    codes, vectors, fmt, source = read_code_vectors(path, codes_path=codes_path, allow_pickle=allow_pickle)
+    codes, vectors, fmt, source = read_code_vectors(
+        path, codes_path=codes_path, allow_pickle=allow_pickle, tensor_name=tensor_name
+    )
     d = vectors.shape[1]
     if embed_dim is not None and d != embed_dim:
         raise ValueError(

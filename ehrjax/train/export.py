@@ -1,6 +1,11 @@
 """Exports of a trained model: the code-embedding table (+ vocabulary), the LoRA adapters alone, all params.
 
-Tables and parameters are written as `.npz` and `safetensors` (flat names `a/b/c`), each atomically.
+Tables and parameters are written as `.npz` and `safetensors` (flat names `a/b/c`), each atomically. The
+code table is also written as word2vec text (`code_embeddings.txt`, what gensim's
+`KeyedVectors.load_word2vec_format` and other tools read): a header `n d`, then `code v1 ... vd` per clinical
+code in vocabulary-id order, special tokens left out, values printed with 9 significant digits (float32
+exact). A name cannot hold whitespace in that format, so whitespace and `%` in a code are percent-escaped as
+UTF-8 (`A B%` -> `A%20B%25`; `ehrjax.embeddings.io.escape_word2vec_code`), which the importer undoes.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from ehrjax.data.vocab import Vocab
+from ehrjax.data.vocab import NUM_SPECIAL, Vocab
+from ehrjax.embeddings.io import escape_word2vec_code
 
 CODE_TABLE_PATH = ("embeddings", "code", "embedding")
 
@@ -47,16 +53,35 @@ def save_arrays(arrays: dict[str, np.ndarray], stem: Path) -> list[Path]:
     return [npz, st]
 
 
+def save_word2vec(table: np.ndarray, codes: list[str], path: Path) -> Path:
+    """Write `table` f[n, d] as word2vec text, row i named `codes[i]` (escaped, module docstring), atomically."""
+    if table.ndim != 2 or len(table) != len(codes):
+        raise ValueError(f"word2vec output {path}: {len(codes)} codes for a table of shape {table.shape}")
+    names = [escape_word2vec_code(code) for code in codes]
+    values = np.char.mod("%.9g", np.asarray(table, dtype=np.float32))
+    lines = [f"{len(names)} {table.shape[1]}"] + [
+        name + " " + " ".join(row) for name, row in zip(names, values.tolist(), strict=True)
+    ]
+
+    def write(tmp: Path) -> None:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    _atomic(path, write)
+    return path
+
+
 def export_code_table(params: nnx.State, vocab: Vocab, directory: str | os.PathLike) -> list[Path]:
-    """The code table `code_embeddings` float32[len(vocab), embed_dim] and `vocab.json` beside it."""
+    """The code table `code_embeddings` float32[len(vocab), embed_dim] (`.npz`, `.safetensors`), its clinical
+    rows as word2vec text (`code_embeddings.txt`, specials left out) and `vocab.json` beside them."""
     directory = Path(directory)
     flat = flat_arrays(params)
     table = flat["/".join(CODE_TABLE_PATH)]
     if table.shape[0] != len(vocab):
         raise ValueError(f"code table has {table.shape[0]} rows, vocabulary {len(vocab)}")
     paths = save_arrays({"code_embeddings": table}, directory / "code_embeddings")
+    text = save_word2vec(table[NUM_SPECIAL:], list(vocab.codes[NUM_SPECIAL:]), directory / "code_embeddings.txt")
     vocab.save(directory / "vocab.json")
-    return [*paths, directory / "vocab.json"]
+    return [*paths, text, directory / "vocab.json"]
 
 
 def export_model(params: nnx.State, directory: str | os.PathLike, *, name: str = "model") -> list[Path]:
