@@ -46,6 +46,22 @@ def cell_dir(out: Path, arm: str, size: int, seed: int) -> Path:
     return out / "runs" / arm / f"n{size}" / f"seed{seed}"
 
 
+def write_predictions(directory: Path, data: TaskData, arrays: dict[str, np.ndarray]) -> None:
+    """`predictions.npz`; on MEDS data also the test rows in MEDS-DEV's prediction schema
+    (`test_predictions.parquet`, for the `meds-evaluation` scorer)."""
+    write_npz(directory / "predictions.npz", arrays)
+    times = data.cohort.labels.get("prediction_time")
+    if times is not None:
+        from ehrjax.data.meds import write_meds_predictions
+
+        row_of = {int(p): i for i, p in enumerate(data.cohort.patient_id)}
+        test = arrays["split"] == "test"
+        rows = np.asarray([row_of[int(p)] for p in arrays["patient_id"][test]])
+        write_meds_predictions(directory / "test_predictions.parquet", arrays["patient_id"][test],
+                               np.asarray(times)[rows], arrays["label"][test] > 0.5,
+                               arrays["probability"][test])  # fmt: skip
+
+
 def run_neural_cell(
     inputs: ArmInputs,
     data: TaskData,
@@ -79,7 +95,7 @@ def run_neural_cell(
     runs = []
     for s, seed in enumerate(trainer.seeds):
         directory = cell_dir(out, inputs.arm.name, size, seed)
-        write_npz(directory / "predictions.npz", run_predictions(data, {"val": val_pred, "test": test_pred}, s))
+        write_predictions(directory, data, run_predictions(data, {"val": val_pred, "test": test_pred}, s))
         log = RunLog(directory / "metrics.jsonl")
         for record in result.history[s]:
             log.log({"event": "epoch", **record})
@@ -133,7 +149,7 @@ def _reference_run(
 ) -> dict[str, Any]:
     outcome_p = data.cohort.labels.get("outcome_p")
     directory = cell_dir(out, arm, size, 0)
-    write_npz(directory / "predictions.npz", predictions_arrays(
+    write_predictions(directory, data, predictions_arrays(
         patient_id=data.cohort.patient_id[rows], split=split, label=data.labels[rows, 0], probability=probability,
         outcome_p=None if outcome_p is None else np.asarray(outcome_p, dtype=np.float64)[rows],
     ))  # fmt: skip

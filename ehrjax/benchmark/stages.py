@@ -124,6 +124,8 @@ class Benchmark:
         # The cohorts are cheap to make and decide whether the grid fits: check before anything is written.
         self.pretrain_cohort = task_cohort(config, "mlm")
         self.finetune_cohort = task_cohort(config, "outcome")
+        if "outcome_p" not in self.finetune_cohort.labels:  # real data: no true risk, no oracle
+            self.plan.arms = [a for a in self.plan.arms if a.kind != "oracle"]
         eligible = outcome_labels(self.finetune_cohort)[1] & self.finetune_cohort.split_mask("train")
         if max(self.plan.sizes) > int(eligible.sum()):
             raise ValueError(f"benchmark.train_sizes: {max(self.plan.sizes)} exceeds the {int(eligible.sum())} "
