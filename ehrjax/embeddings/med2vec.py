@@ -432,7 +432,7 @@ def _load_config(path: str | None) -> ml_collections.ConfigDict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Generate a pre-training cohort, build its vocabulary, train Med2Vec and export it."""
+    """Generate a pre-training cohort, build its vocabulary, train Med2Vec on its training split, export it."""
     from ehrjax.data.synthetic import generate_cohort
 
     parser = argparse.ArgumentParser(prog="python -m ehrjax.embeddings.med2vec", description=main.__doc__)
@@ -449,9 +449,15 @@ def main(argv: list[str] | None = None) -> int:
         c.med2vec.seed = args.seed
         if not args.out.parent.is_dir():
             raise ValueError(f"--out {args.out}: folder {args.out.parent} does not exist")
+        num_patients = c.pretrain.num_patients if args.num_patients is None else args.num_patients
+        if num_patients <= 0:
+            raise ValueError(f"--num-patients must be > 0, got {num_patients}")
         args.out.mkdir(exist_ok=True)
-        cohort = generate_cohort(args.num_patients or c.pretrain.num_patients, args.seed, "pretrain",
+        cohort = generate_cohort(num_patients, args.seed, "pretrain",
                                  c.data.num_noise_codes)  # fmt: skip
+        # The training split only: the MLM run's validation and test patients must stay unseen (its vocabulary
+        # is built on the same split).
+        cohort = cohort.select(cohort.split_mask("train"))
         vocab = Vocab.build(cohort.code_names, cohort.code_counts(), c.data.min_count)
         result = train_med2vec(cohort, vocab, c.med2vec)
         paths = save_med2vec(args.out / "med2vec.npz", result.params, vocab)

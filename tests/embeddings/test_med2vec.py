@@ -224,6 +224,19 @@ def test_command_line_trains_and_exports(tmp_path, capsys):
     assert (tmp_path / "run" / "med2vec.npz").is_file() and (tmp_path / "run" / "med2vec.types.json").is_file()
     out = capsys.readouterr()
     assert "visits/s" in out.out and "epoch 1/1" in out.err + out.out
+    # trained on the training split only: the vocabulary holds no code seen only in validation/test patients
+    cohort = generate_cohort(300, seed=1, stream="pretrain")
+    train_only = cohort.select(cohort.split_mask("train"))
+    seen = {train_only.code_names[i] for i in np.unique(train_only.codes)}
+    codes = json.loads((tmp_path / "run" / "med2vec.types.json").read_text())
+    assert set(codes) == seen
+
+
+def test_command_line_refuses_zero_patients(tmp_path, capsys):
+    assert med2vec.main(["--num-patients", "0", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--num-patients must be > 0" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_diverging_run_stops_with_a_clear_error():
