@@ -2,7 +2,7 @@
 
     python benchmarks/torch_baseline.py --preset small --max-len 512 --variants pad_max,pad_longest,sorted
 
-The model has ehrjax's architecture (`ehrjax.models.Behrt`, DESIGN §4): code embedding
+The model has ehrjax's architecture (`ehrjax.models.Behrt`): code embedding
 (+ projection when `embed_dim != hidden_dim`) + bucketed age + segment (visit % 2) + frozen sinusoidal
 position of the visit index, LayerNorm, dropout; a pre-LN `nn.TransformerEncoder` (GELU) with a final
 LayerNorm and a key-padding mask; an untied MLM head (dense, GELU, LayerNorm, decoder to the vocabulary).

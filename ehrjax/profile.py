@@ -1,4 +1,4 @@
-"""Throughput profile of the MLM train step per batching mode and compute dtype (DESIGN §8).
+"""Throughput profile of the MLM train step per batching mode and compute dtype.
 
     python -m ehrjax.profile --config configs/cpu.py [--config.key=value ...] [--modes pack,bucket,pad_max]
         [--dtypes float32,bfloat16] [--steps N] [--warmup N] [--trace DIR] [--out DIR]
@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ehrjax.atomic import atomic_write
 from ehrjax.cli import one_line, parse_flags
 from ehrjax.data.batching import MODES
 from ehrjax.data.masking import num_mlm_slots
@@ -257,18 +257,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """`write(tmp_path)` then rename onto `path`, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Bars of real and computed tokens/s per (mode, dtype), and MFU, to `path` (PNG)."""
     import matplotlib
@@ -298,8 +286,8 @@ def write_outputs(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     """`profile.json` ({'meta', 'results'}) and `profile.png` under `out`, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"meta": meta, "results": results}, indent=2, default=float)
-    _atomic_write(out / "profile.json", lambda p: p.write_text(text))
-    _atomic_write(out / "profile.png", lambda p: plot(results, p))
+    atomic_write(out / "profile.json", lambda p: p.write_text(text))
+    atomic_write(out / "profile.png", lambda p: plot(results, p))
 
 
 # ------------------------------------------------------------------------------------------------- CLI

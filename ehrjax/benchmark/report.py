@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ehrjax.atomic import atomic_write
 from ehrjax.eval.metrics import binary_metrics
 from ehrjax.eval.stats import Replicates, brier_score, difference, interval, replicates
 
@@ -623,24 +622,12 @@ def _markdown(summary: dict[str, Any], stats: dict[str, Any], plots: dict[str, s
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp_path)` then rename onto `path`, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     try:
         fig.tight_layout()
-        _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+        atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
     finally:
         plt.close(fig)
 
@@ -833,7 +820,7 @@ def write_report(summary: dict[str, Any], out_dir: Path, n_boot: int = 1000) -> 
         wall = time.perf_counter() - start
         summary["stages"]["report"] = {"wall_s": wall, "compile_s": 0.0, "train_s": 0.0, "skipped": False}
     text = json.dumps(_jsonable(summary), indent=2, allow_nan=False)
-    _atomic_write(out_dir / "summary.json", lambda p: p.write_text(text))
+    atomic_write(out_dir / "summary.json", lambda p: p.write_text(text))
     markdown = _markdown(summary, stats, plots)
-    _atomic_write(out_dir / "report.md", lambda p: p.write_text(markdown))
+    atomic_write(out_dir / "report.md", lambda p: p.write_text(markdown))
     return stats

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ehrjax.atomic import atomic_write
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 TOKEN_FIELDS: tuple[str, ...] = ("codes", "visit", "age", "time")
 PATIENT_FIELDS: tuple[str, ...] = ("patient_id", "sex", "birth_year", "split")
@@ -223,13 +225,9 @@ class Cohort:
         arrays["format"] = np.asarray(_FORMAT)
         arrays["meta_keys"] = np.asarray(list(self.meta), dtype=str)
         arrays["meta_values"] = np.asarray([str(v) for v in self.meta.values()], dtype=str)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise ValueError(f"cohort output {path}: cannot write ({err.strerror or err})") from err
 
     @classmethod

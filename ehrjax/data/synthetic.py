@@ -9,7 +9,7 @@ Patient `i` of a stream depends only on `(seed, stream, i)`: patients are genera
 `BLOCK_SIZE`, each from its own generator seeded by `(seed, stream, block)`, and a cohort of `n` patients is
 the first `n` patients of its blocks. Split membership is a hash of `(seed, patient_id)`.
 
-The `finetune` stream also carries the downstream tasks (DESIGN.md §3.4): an index visit per patient, the
+The `finetune` stream also carries the downstream tasks: an index visit per patient, the
 history cut at it, the outcome (heart failure within 365 days of the index date, prevalent cases excluded)
 drawn from a known probability `outcome_p`, and the next visit's diagnosis codes.
 
@@ -115,7 +115,7 @@ NOISE_ZIPF_EXPONENT = 1.1
 NOISE_PREFERRED = 6  # background codes a patient keeps coming back with
 P_NOISE_PREFERRED = 0.45
 
-# Log-hazard of the outcome within the window after the index date (DESIGN.md §3.4).
+# Log-hazard of the outcome within the window after the index date.
 OUTCOME_COEF = dict(
     intercept=-3.05,
     age_per_decade=0.35,  # centred at 60

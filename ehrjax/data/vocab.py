@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ehrjax.atomic import write_text
+
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")
 NUM_SPECIAL = len(SPECIAL_TOKENS)
@@ -84,10 +86,7 @@ class Vocab:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:

@@ -60,8 +60,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ehrjax.cli import one_line
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.vocab import NUM_SPECIAL, PAD, SPECIAL_TOKENS, Vocab
+from ehrjax.models.behrt import CODE_TABLE_PATH, path_names
 
 MED2VEC_KEYS: frozenset[str] = frozenset({"W_emb", "b_emb", "W_hidden", "b_hidden", "W_output", "b_output"})
 EHRJAX_TABLE_KEY = "code_embeddings"  # ehrjax.train.export.export_code_table: rows = vocab ids, vocab.json beside
@@ -70,7 +72,6 @@ HF_TABLE_SUFFIX = "embeddings.word_embeddings.weight"  # BERT-style input embedd
 RESCALE_MODES: tuple[str, ...] = ("match_init", "standardize", "none")
 MISSING_INITS: tuple[str, ...] = ("normal", "zeros")
 DEFAULT_INIT_STD = 0.02  # the model's code-table init, ehrjax.models.embeddings.EMBED_INIT
-CODE_TABLE_PATH: tuple[str, ...] = ("embeddings", "code", "embedding")
 
 _SYSTEM = re.compile(r"^(?:([A-Za-z][A-Za-z0-9_\-]*):|([A-Za-z])_)(.*)$")
 
@@ -247,11 +248,6 @@ def unescape_word2vec_code(name: str) -> str:
     return _ESCAPED_RUN.sub(decode, name) if "%" in name else name
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def sibling(path: Path, suffix: str) -> Path:
     """`model.9.npz` + `.types.json` -> `model.9.types.json` (only the last suffix is replaced)."""
     return path.with_name(path.name[: len(path.name) - len(path.suffix)] + suffix)
@@ -265,7 +261,7 @@ def _read_json(path: Path, what: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"embedding file {what}: codes file {path} is not readable JSON ({_one_line(err)})") from err
+        raise ValueError(f"embedding file {what}: codes file {path} is not readable JSON ({one_line(err)})") from err
 
 
 def _codes_from_map(mapping: Any, n_rows: int, path: Path, source: Path) -> list[str | None]:
@@ -325,7 +321,7 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except Exception as err:  # zipfile, numpy and safetensors raise many kinds
-        raise ValueError(f"embedding file {path}: not a readable {path.suffix} ({_one_line(err)})") from err
+        raise ValueError(f"embedding file {path}: not a readable {path.suffix} ({one_line(err)})") from err
 
 
 def _read_med2vec(
@@ -374,7 +370,7 @@ def _read_med2vec(
                 mapping = pickle.load(fh, encoding="latin1")  # Python 2 (cPickle) str keys
         except Exception as err:  # a corrupt pickle can raise almost anything
             raise ValueError(
-                f"embedding file {path}: code map {source} is not a readable pickle ({_one_line(err)})"
+                f"embedding file {path}: code map {source} is not a readable pickle ({one_line(err)})"
             ) from err
         codes = _codes_from_map(mapping, len(w), path, source)
     return codes, np.maximum(w, 0), source
@@ -398,7 +394,7 @@ def _read_text(path: Path) -> tuple[list[str | None], np.ndarray, str]:
     try:
         lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"embedding file {path}: unknown format (not a readable text file: {_one_line(err)})") from err
+        raise ValueError(f"embedding file {path}: unknown format (not a readable text file: {one_line(err)})") from err
     if not lines:
         raise ValueError(f"embedding file {path}: empty")
     header = lines[0]
@@ -418,7 +414,7 @@ def _read_text(path: Path) -> tuple[list[str | None], np.ndarray, str]:
     try:
         vectors = np.array([parts[1:] for parts in body], dtype=np.float64).reshape(len(body), d)
     except ValueError as err:
-        raise ValueError(f"embedding file {path}: unknown format (values are not numbers: {_one_line(err)})") from err
+        raise ValueError(f"embedding file {path}: unknown format (values are not numbers: {one_line(err)})") from err
     _check_finite(vectors, path, "the vectors")
     codes: list[str | None] = [unescape_word2vec_code(parts[0]) for parts in body]
     return codes, vectors, fmt
@@ -444,7 +440,7 @@ def _read_csv(path: Path) -> tuple[list[str | None], np.ndarray]:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = [row for row in csv.reader(fh) if row]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise ValueError(f"embedding file {path}: not a readable CSV file ({_one_line(err)})") from err
+        raise ValueError(f"embedding file {path}: not a readable CSV file ({one_line(err)})") from err
     if rows and _is_header(rows[0]):
         rows = rows[1:]
     if not rows:
@@ -457,7 +453,7 @@ def _read_csv(path: Path) -> tuple[list[str | None], np.ndarray]:
     try:
         vectors = np.array([row[1:] for row in rows], dtype=np.float64)
     except ValueError as err:
-        raise ValueError(f"embedding file {path}: values are not numbers ({_one_line(err)})") from err
+        raise ValueError(f"embedding file {path}: values are not numbers ({one_line(err)})") from err
     _check_finite(vectors, path, "the vectors")
     return [row[0].strip() for row in rows], vectors
 
@@ -469,7 +465,7 @@ def _hf_tokens(folder: Path) -> tuple[list[str | None], Path]:
         try:
             return list(vocab_txt.read_text(encoding="utf-8").splitlines()), vocab_txt
         except (OSError, UnicodeDecodeError) as err:
-            raise ValueError(f"embedding folder {folder}: {vocab_txt.name} is not readable ({_one_line(err)})") from err
+            raise ValueError(f"embedding folder {folder}: {vocab_txt.name} is not readable ({one_line(err)})") from err
     if not tokenizer.is_file():
         raise ValueError(f"embedding folder {folder}: no vocab.txt or tokenizer.json for the rows' tokens")
     payload = _read_json(tokenizer, folder)
@@ -550,7 +546,7 @@ def _read_hf_folder(
     except ValueError:
         raise
     except Exception as err:  # safetensors and torch raise many kinds
-        raise ValueError(f"embedding folder {folder}: cannot read the model ({_one_line(err)})") from err
+        raise ValueError(f"embedding folder {folder}: cannot read the model ({one_line(err)})") from err
     if table.ndim != 2:
         raise ValueError(f"embedding folder {folder}: tensor {name!r} has shape {table.shape}, expected 2-d")
     if len(table) < len(tokens):
@@ -597,7 +593,7 @@ def read_code_vectors(
         try:
             vectors = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:
-            raise ValueError(f"embedding file {path}: not a readable .npy ({_one_line(err)})") from err
+            raise ValueError(f"embedding file {path}: not a readable .npy ({one_line(err)})") from err
         codes, vectors, source = _read_table(path, vectors, codes_path, table_json)
         fmt = "npy"
     elif suffix == ".csv":
@@ -732,15 +728,6 @@ def load_code_table(
     return table.astype(np.float32), report
 
 
-def _names(path: tuple) -> tuple[str, ...]:
-    out = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        if name != "value":
-            out.append(str(name))
-    return tuple(out)
-
-
 def set_code_table(params: Any, table: np.ndarray | jax.Array, *, path: tuple[str, ...] = CODE_TABLE_PATH) -> Any:
     """A copy of `params` (an `nnx.State` of the model's params, or a plain nested dict) with the code
     embedding at `path` (default `embeddings/code/embedding`, f32[vocab, embed_dim]) replaced by `table`.
@@ -752,7 +739,7 @@ def set_code_table(params: Any, table: np.ndarray | jax.Array, *, path: tuple[st
     found = []
 
     def swap(key_path: tuple, leaf: Any) -> Any:
-        if _names(key_path) != path:
+        if path_names(key_path) != path:
             return leaf
         found.append(leaf)
         if tuple(leaf.shape) != tuple(table.shape):

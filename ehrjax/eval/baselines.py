@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import brentq
 
+from ehrjax.atomic import write_text
 from ehrjax.data.batching import DeviceBatcher, batch_at
 from ehrjax.data.cohort import ragged_index
 from ehrjax.data.tasks import TaskData
@@ -356,10 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         result["model"] = {k: model[k] for k in ("loss", "top1", "top10", "n") if k in model}
     print(format_table(result))
     if args.out is not None:
-        text = json.dumps(result, indent=2, default=float)
-        tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out)
+        write_text(args.out, json.dumps(result, indent=2, default=float))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Analytic training FLOPs of a BEHRT step and device peak FLOP/s, for MFU (DESIGN §8).
+"""Analytic training FLOPs of a BEHRT step and device peak FLOP/s, for MFU.
 
 Matmul FLOPs only (a multiply-add is 2 FLOPs); embedding lookups are gathers, and LayerNorm, softmax, GELU,
 dropout and the optimiser are not counted. Training = 3 x forward (the backward pass is 2 x forward: one

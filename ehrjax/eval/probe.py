@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 from flax import nnx
 from sklearn.metrics import roc_auc_score
 
+from ehrjax import atomic
 from ehrjax.data.batching import DeviceBatcher, batch_at
 from ehrjax.data.tasks import TaskData
 from ehrjax.data.vocab import Vocab
@@ -208,17 +208,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write `payload` as JSON atomically (a temporary file in the same folder, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=float)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `payload` as JSON atomically."""
+    atomic.write_text(path, json.dumps(payload, indent=2, default=float))
 
 
 def load_pretrained_run(run_dir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Vocab, nnx.State]:

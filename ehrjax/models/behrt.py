@@ -9,8 +9,8 @@ The hot path is pure: split once, then jit a function of the states that merges 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit
-    def loss(params, rest, batch, key):
-        logits = mlm_apply(graphdef, params, rest, batch, batch["mlm_positions"], key=key)
+    def loss(params, rest, batch, positions, key):  # positions: int32[batch, M] masked slots
+        logits = mlm_apply(graphdef, params, rest, batch, positions, key=key)
         ...
 
 Dropout draws from the explicit `key` (or an `nnx.Rngs(dropout=key)`); the model holds no RNG state, so
@@ -36,6 +36,24 @@ COMPUTE_DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.
 POSITION_TYPES: tuple[str, ...] = ("sinusoidal", "learned")
 ATTENTION_IMPLS: tuple[str | None, ...] = ("xla", "cudnn", None)
 INPUT_KEYS: tuple[str, ...] = ("codes", "ages", "visits", "segment_ids")
+CODE_TABLE_PATH: tuple[str, ...] = ("embeddings", "code", "embedding")  # where the code table lives
+
+
+def path_names(path: tuple) -> tuple[str, ...]:
+    """Key names of a jax tree path into an `nnx.State` (dict keys, sequence indices, attributes), dropping a
+    trailing `.value` of a Variable: `('encoder', 'layers', '0', 'attn', 'q', 'kernel')`."""
+    out = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            out.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            out.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":
+                out.append(key.name)
+        else:
+            out.append(str(key))
+    return tuple(out)
 
 
 def validate_model_config(cfg: ml_collections.ConfigDict) -> None:

@@ -12,30 +12,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from ehrjax.atomic import atomic_write
 from ehrjax.data.vocab import NUM_SPECIAL, Vocab
 from ehrjax.embeddings.io import escape_word2vec_code
-
-CODE_TABLE_PATH = ("embeddings", "code", "embedding")
+from ehrjax.models.behrt import CODE_TABLE_PATH
 
 
 def flat_arrays(state: nnx.State) -> dict[str, np.ndarray]:
     """`{'a/b/c': float32 array}` of an nnx.State (host copies)."""
     return {"/".join(map(str, path)): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_arrays(arrays: dict[str, np.ndarray], stem: Path) -> list[Path]:
@@ -48,8 +38,8 @@ def save_arrays(arrays: dict[str, np.ndarray], stem: Path) -> list[Path]:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
 
-    _atomic(npz, write_npz)
-    _atomic(st, lambda tmp: save_file(arrays, str(tmp)))
+    atomic_write(npz, write_npz)
+    atomic_write(st, lambda tmp: save_file(arrays, str(tmp)))
     return [npz, st]
 
 
@@ -66,7 +56,7 @@ def save_word2vec(table: np.ndarray, codes: list[str], path: Path) -> Path:
     def write(tmp: Path) -> None:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    _atomic(path, write)
+    atomic_write(path, write)
     return path
 
 

@@ -24,9 +24,10 @@ from ehrjax.data.tasks import TASKS, TaskData, build_task_data
 from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, vocab_token_counts
 from ehrjax.eval.baselines import format_table, run_mlm_baselines
+from ehrjax.models.behrt import CODE_TABLE_PATH
 from ehrjax.train.arms import EVERYTHING, Arm, arm_from_config, arm_lora_config
 from ehrjax.train.checkpoint import RunCheckpoints, check_writable, config_mismatch
-from ehrjax.train.export import CODE_TABLE_PATH, export_adapters, export_code_table, export_model
+from ehrjax.train.export import export_adapters, export_code_table, export_model
 from ehrjax.train.fit import DEFAULT_METRIC, FitResult, TrainingDiverged, evaluate, fit
 from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
 from ehrjax.train.rundir import RunLog, is_writer, predictions_arrays, write_json, write_npz

@@ -25,8 +25,10 @@ import ml_collections
 import optax
 from flax import nnx
 
+from ehrjax.models.behrt import CODE_TABLE_PATH, path_names
+
 PARTITIONS: tuple[str, ...] = ("code_table", "embeddings", "encoder", "lora", "head")
-CODE_TABLE: tuple[str, ...] = ("embeddings", "code", "embedding")
+CODE_TABLE: tuple[str, ...] = CODE_TABLE_PATH
 TOP_LEVEL_PARTITION: dict[str, str] = {
     "embeddings": "embeddings",
     "encoder": "encoder",
@@ -40,22 +42,6 @@ SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
-
-
-def _names(path: tuple) -> tuple[str, ...]:
-    """Key names of a jax tree path, dropping a trailing `.value` of a Variable."""
-    out = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            out.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            out.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name != "value":
-                out.append(key.name)
-        else:
-            out.append(str(key))
-    return tuple(out)
 
 
 def param_label(names: tuple[str, ...], leaf: Any = None) -> str:
@@ -78,7 +64,7 @@ def param_labels(params: Any) -> Any:
     `optax.partition` accepts).
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: param_label(_names(path), leaf), params, is_leaf=_is_variable
+        lambda path, leaf: param_label(path_names(path), leaf), params, is_leaf=_is_variable
     )
 
 
@@ -157,7 +143,7 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
 def _decay_mask(params: Any) -> Any:
     """Weight decay on matrices (kernels, tables, adapters), not on biases or LayerNorm scales."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: _names(path)[-1] in DECAYED_NAMES, params, is_leaf=_is_variable
+        lambda path, _: path_names(path)[-1] in DECAYED_NAMES, params, is_leaf=_is_variable
     )
 
 
@@ -250,7 +236,7 @@ def parameter_report(params: Any, trainable: Collection[str] = ("lora", "head"))
     by_label = dict.fromkeys(PARTITIONS, 0)
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)[0]
     for path, leaf in flat:
-        by_label[param_label(_names(path), leaf)] += int(leaf.size)
+        by_label[param_label(path_names(path), leaf)] += int(leaf.size)
     total = sum(by_label.values())
     n_trainable = sum(n for label, n in by_label.items() if label in trainable)
     return ParamReport(total, n_trainable, by_label, tuple(label for label in PARTITIONS if label in trainable))

@@ -9,53 +9,20 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import jax
 import numpy as np
+
+from ehrjax.atomic import atomic_write, json_default, write_json, write_npz, write_text
+
+__all__ = ["RunLog", "atomic_write", "is_writer", "predictions_arrays", "write_json", "write_npz", "write_text"]
 
 
 def is_writer() -> bool:
     """Whether this process writes shared files (process 0 of a multi-host run)."""
     return jax.process_index() == 0
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Write `path` through `write(binary file)` into a temporary sibling, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda fh: fh.write(text.encode()))
-
-
-def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    return write_text(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
-
-
-def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
-    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 class RunLog:
@@ -90,7 +57,7 @@ class RunLog:
         if not self.writer:
             return
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.write(json.dumps(record, default=json_default) + "\n")
         if self._tb is not None and record.get("event") in ("train", "eval"):
             tag = record["event"] if record["event"] == "train" else record["split"]
             for key, value in record.items():
