@@ -76,6 +76,9 @@ def test_smoke_benchmark_writes_a_sane_report(smoke_run):
         lo, hi = row["auroc_ci"]
         assert 0.0 <= lo <= row["auroc"] <= hi <= 1.0, row
     by = {(r["arm"], r["size"]): r["auroc"] for r in rows}
+    oracle_hi = {r["size"]: r["auroc_ci"][1] for r in rows if r["arm"] == "oracle"}
+    for row in rows:  # leakage canary: no model beats the true risk beyond the noise of the test set
+        assert row["auroc"] <= oracle_hi[row["size"]], row
     for size in (100, 300):
         assert by[("oracle", size)] >= by[("logreg", size)]
         assert by[("scratch", size)] > 0.55

@@ -128,6 +128,13 @@ def test_bfloat16_compute_close_to_float32(tiny_cfg):
     h16, l16, c16 = forward(model_bf16, batch, positions, cls_index)
     assert h16.dtype == jnp.bfloat16
     np.testing.assert_allclose(h16.astype(jnp.float32), h32, atol=0.1, rtol=0.05)
+    # ... and the compute really is bf16: rounding shows, and the encoder's matmuls take bf16 operands
+    assert float(jnp.abs(h16.astype(jnp.float32) - h32).max()) > 1e-4
+    jaxpr = jax.make_jaxpr(lambda b: forward(model_bf16, b, positions, cls_index)[0])(batch)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    dots += [e for eq in jaxpr.jaxpr.eqns for sub in eq.params.values() if hasattr(sub, "jaxpr")
+             for e in getattr(sub.jaxpr, "eqns", []) if e.primitive.name == "dot_general"]  # fmt: skip
+    assert dots and all(e.invars[0].aval.dtype == jnp.bfloat16 for e in dots)
     assert l16.dtype == jnp.float32 and c16.dtype == jnp.float32
     np.testing.assert_allclose(l16, l32, atol=0.1, rtol=0.05)
     np.testing.assert_allclose(c16, c32, atol=0.1, rtol=0.05)

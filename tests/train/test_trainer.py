@@ -76,6 +76,17 @@ def test_trainable_partitions_move_and_frozen_ones_stay_bitwise(outcome):
     assert all(np.abs(b).max() > 0 for b in lora_b)
 
 
+def test_training_everything_moves_every_parameter(outcome):
+    config, data = outcome
+    trainer = make(config, data.with_train_size(200), (0,), epochs=1)
+    before = nnx.to_flat_state(unstack(trainer.state["params"], 0))
+    fit(trainer, patience=5)
+    after = dict(nnx.to_flat_state(unstack(trainer.state["params"], 0)))
+    still = [path for path, v in before
+             if np.array_equal(np.asarray(v.get_value()), np.asarray(after[path].get_value()))]  # fmt: skip
+    assert still == [], still  # nothing frozen by mistake
+
+
 def test_task_data_sizes_are_nested_prefixes_and_the_vocabulary_is_the_labelled_sets(outcome):
     config, data = outcome
     small, large = data.with_train_size(50), data.with_train_size(400)
