@@ -61,13 +61,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.num_noise_codes = 1000
     c.data.min_count = 1
-    c.data.batching = "pack"  # 'pack' | 'bucket' | 'pad_max'
+    c.data.batching = "pack"  # 'pack' | 'bucket' | 'pad_max' | 'pack_buckets'
     c.data.max_len = 256  # truncation length in tokens, [CLS] and [SEP] included
     c.data.row_len = 256  # pack: tokens per row
     c.data.rows_per_batch = 32  # pack: rows per batch
     c.data.slots_per_row = 16  # pack: patient (CLS / label) slots per row
-    c.data.tokens_per_batch = 8192  # bucket: tokens per batch, a multiple of every bucket length
+    c.data.tokens_per_batch = 8192  # bucket, pack_buckets: tokens per batch, a multiple of every row length
     c.data.bucket_min_len = 8  # bucket: shortest bucket (a power of two); buckets double up to max_len
+    # pack_buckets: shortest packed row; row lengths double from it while below row_len, then row_len
+    # (32 -> 32, 64, 128 at row_len 128). slots_per_row applies to every row length.
+    c.data.pack_min_len = 32
     c.data.batch_size = 32  # pad_max: patients per batch
     c.data.mask_prob = 0.15
     c.data.mlm_slot_factor = 1.5  # masked-position slots = factor x mask_prob x tokens per batch
