@@ -38,7 +38,11 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
     m.scan_layers = False
     m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
     m.tie_mlm = False
-    m.attention_impl = "xla"  # passed to jax.nn.dot_product_attention: 'xla' | 'cudnn' | None
+    # 'xla' | 'cudnn' | None: passed to jax.nn.dot_product_attention with the dense block-diagonal mask;
+    # 'pallas': the Pallas Triton flash-attention kernel with segment ids (GPU; elsewhere 'xla', with a warning).
+    # 'cudnn' and 'pallas' have no attention dropout: they need attention_dropout = 0.
+    m.attention_impl = "xla"
+    m.attention_interpret = False  # pallas: run the kernel in Pallas interpret mode on any platform (slow; tests)
     return m
 
 
@@ -157,6 +161,9 @@ def gpu_config(name: str, batch_scale: int = 1) -> ml_collections.ConfigDict:
     c.model = model_config("large")
     c.model.dtype = "bfloat16"
     c.model.scan_layers = True
+    # The fused, segment-aware kernel; it has no attention dropout (hidden-state dropout stays at 0.1).
+    c.model.attention_impl = "pallas"
+    c.model.attention_dropout = 0.0
     c.lora.rank = 16
     c.optim.learning_rate = 5e-4
     c.optim.warmup_steps = 500
