@@ -31,6 +31,9 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
     m.update(MODEL_PRESETS[preset])
     m.dropout = 0.1
     m.attention_dropout = 0.1
+    # Random bits per dropout decision (embeddings, residual and attention dropout): 32 = jax.random.bernoulli
+    # (nnx.Dropout's mask); 16 or 8 draw narrower ints (cheaper; the rate rounds to a multiple of 2**-bits).
+    m.dropout_bits = 32
     m.max_visits = 512  # size of the visit-index position table
     m.age_bucket_months = 12
     m.max_age_months = 110 * 12

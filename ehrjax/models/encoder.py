@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from ehrjax.models.dropout import Dropout
 from ehrjax.models.lora import LoRADense
 
 
@@ -108,7 +109,7 @@ class SelfAttention(nnx.Module):
         self.k = LoRADense(hidden, hidden, target="k", use_bias=False, dtype=dtype, rngs=rngs)
         self.v = LoRADense(hidden, hidden, target="v", dtype=dtype, rngs=rngs)
         self.o = LoRADense(hidden, hidden, target="o", dtype=dtype, rngs=rngs)
-        self.attn_dropout = nnx.Dropout(cfg.attention_dropout)
+        self.attn_dropout = Dropout(cfg.attention_dropout, cfg.get("dropout_bits", 32))
 
     def __call__(
         self, x: jax.Array, segment_ids: jax.Array, *, deterministic: bool = True, rngs: jax.Array | None = None
@@ -150,7 +151,7 @@ class EncoderLayer(nnx.Module):
         self.mlp_norm = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs)
         self.mlp_in = LoRADense(hidden, cfg.mlp_dim, target="mlp_in", dtype=dtype, rngs=rngs)
         self.mlp_out = LoRADense(cfg.mlp_dim, hidden, target="mlp_out", dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.get("dropout_bits", 32))
 
     def __call__(
         self, x: jax.Array, segment_ids: jax.Array, *, deterministic: bool = True, rngs: jax.Array | None = None
