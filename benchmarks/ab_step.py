@@ -13,7 +13,10 @@ batch shape of its epoch plan (the compile time is printed); then for `--rounds`
 `block_until_ready`. Per variant and round: the epoch-weighted step time (as `ehrjax.profile`: per shape the
 median step time weighted by that shape's batches per epoch) and real tokens/s; the summary gives each
 variant's real tokens/s over all rounds (per shape the median of all its timed steps) and its ratio to the
-first variant. Process-wide settings (`XLA_FLAGS`, `JAX_DEFAULT_PRNG_IMPL`) need one process per setting.
+first variant, and the same from the process's CPU time per step (user + system of all its threads,
+`time.process_time`): on a machine shared with other jobs wall time swings with their load, while CPU time
+per step measures the work itself (it also counts any busy-waiting of XLA's thread pool). Process-wide
+settings (`XLA_FLAGS`, `JAX_DEFAULT_PRNG_IMPL`) need one process per setting.
 """
 
 from __future__ import annotations
@@ -77,23 +80,26 @@ def build(config: Any, overrides: dict[str, Any], prng: str | None, warmup: int)
         compiled.append(step)
     batcher = trainer.train_batcher
     return {"cfg": cfg, "batcher": batcher, "plan": plan, "key": key, "state": state, "compiled": compiled,
-            "compile_s": compile_s, "times": [[] for _ in plan.groups]}  # fmt: skip
+            "compile_s": compile_s, "times": [[] for _ in plan.groups], "cpu": [[] for _ in plan.groups]}  # fmt: skip
 
 
-def run_round(v: dict[str, Any], steps: int, first_step: int) -> list[list[float]]:
-    """`steps` synchronised steps per shape; returns the step seconds per shape."""
-    out = []
+def run_round(v: dict[str, Any], steps: int, first_step: int) -> tuple[list[list[float]], list[list[float]]]:
+    """`steps` synchronised steps per shape; returns the wall and the CPU seconds of each step per shape."""
+    walls, cpus = [], []
     for g, (group, step) in enumerate(zip(v["plan"].groups, v["compiled"], strict=True)):
-        times = []
+        wall, cpu = [], []
         for i in range(steps):
             key = jax.random.fold_in(v["key"], first_step + i)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             v["state"], sums = step(v["state"], group, jnp.int32((first_step + i) % group.num_batches), key)
             jax.block_until_ready((v["state"], sums))
-            times.append(time.perf_counter() - t0)
-        v["times"][g] += times
-        out.append(times)
-    return out
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        v["times"][g] += wall
+        v["cpu"][g] += cpu
+        walls.append(wall)
+        cpus.append(cpu)
+    return walls, cpus
 
 
 def tokens_per_s(v: dict[str, Any], times: list[list[float]]) -> tuple[float, float]:
@@ -124,20 +130,24 @@ def main() -> None:
             f"batches x rows x row_len per epoch: {shapes}; efficiency {batcher.efficiency:.3f}",
             flush=True,
         )
-    print(f"{'round':>5} {'load':>5} " + " ".join(f"{n + ' ms':>14} {'tok/s':>8}" for n in variants))
+    print(f"{'round':>5} {'load':>5} " + " ".join(f"{n + ' ms':>14} {'cpu ms':>8}" for n in variants))
     for r in range(args.rounds):
         load = os.getloadavg()[0]
         cells = []
         for v in variants.values():
-            step_s, rate = tokens_per_s(v, run_round(v, args.steps, 1000 + r * args.steps))
-            cells.append(f"{1e3 * step_s:>14.1f} {rate:>8,.0f}")
+            walls, cpus = run_round(v, args.steps, 1000 + r * args.steps)
+            cells.append(f"{1e3 * tokens_per_s(v, walls)[0]:>14.1f} {1e3 * tokens_per_s(v, cpus)[0]:>8.1f}")
         print(f"{r:>5} {load:>5.2f} " + " ".join(cells), flush=True)
-    base = None
-    print(f"all rounds (load now {os.getloadavg()[0]:.2f}):")
+    base = base_cpu = None
+    print(f"all rounds (load now {os.getloadavg()[0]:.2f}); CPU tokens/s = real tokens per CPU-second:")
     for name, v in variants.items():
         step_s, rate = tokens_per_s(v, v["times"])
-        base = base or rate
-        print(f"  {name:<20} step {1e3 * step_s:8.1f} ms  real tokens/s {rate:>9,.0f}  ratio {rate / base:.3f}")
+        cpu_s, cpu_rate = tokens_per_s(v, v["cpu"])
+        base, base_cpu = base or rate, base_cpu or cpu_rate
+        print(
+            f"  {name:<20} step {1e3 * step_s:8.1f} ms  real tokens/s {rate:>9,.0f}  ratio {rate / base:.3f}   "
+            f"CPU {1e3 * cpu_s:8.1f} ms/step  CPU tokens/s {cpu_rate:>9,.0f}  ratio {cpu_rate / base_cpu:.3f}"
+        )
 
 
 if __name__ == "__main__":
