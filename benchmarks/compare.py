@@ -8,13 +8,15 @@ the train split only (checked: identical token arrays). Model: the `--preset` ar
 dropout 0.1 on both sides.
 
 - ehrjax (`ehrjax.profile.profile_mode`): `pack` (rows of `max_len` tokens, `--rows-per-batch` rows, 16
-  patients per row at most), `bucket` (power-of-two rows, `--tokens-per-batch` slots per step) and `pad_max`
+  patients per row at most), `pack_buckets` (packed rows of 32, 64, ... up to `max_len` tokens,
+  `--tokens-per-batch` slots per step), `bucket` (power-of-two rows, `--tokens-per-batch` slots) and `pad_max`
   (32 patients per batch padded to `max_len`, the torch `pad_max` step exactly); compile excluded, per-shape
   median step time weighted by the epoch's batch mix. Gather, MLM masking, forward, backward, AdamW.
 - torch (`benchmarks/torch_baseline.run_baseline`): 32 patients per batch, padded to `max_len` (`pad_max`),
   to the batch's longest patient (`pad_longest`) or length-sorted (`sorted`); MLM logits at every position
-  (`--mlm-logits all`, the reference study's) or at the masked ones only (`masked`). Collate + mask +
-  forward + backward + AdamW; real tokens summed over the timed steps / their wall time.
+  (`--mlm-logits all`, the reference study's) or at the masked ones only (`masked`; `all,masked` runs every
+  variant both ways, rows named `variant/all` and `variant/masked`). Collate + mask + forward + backward +
+  AdamW; real tokens summed over the timed steps / their wall time.
 
 Steps per step differ (ehrjax packs ~8k token slots, torch 32 patients), so the comparison is in real
 (non-padding) tokens per second, which normalises for it. Targets: pack / torch pad_max >= 10x, pack /
@@ -49,6 +51,9 @@ PAIRS: tuple[tuple[str, str, float | None], ...] = (
     ("pack", "pad_max", 10.0),
     ("pack", "pad_longest", 2.0),
     ("pack", "sorted", None),
+    ("pack_buckets", "pad_max", None),
+    ("pack_buckets", "pad_longest", None),
+    ("pack_buckets", "sorted", None),
     ("bucket", "pad_max", None),
     ("bucket", "pad_longest", None),
     ("bucket", "sorted", None),
@@ -98,19 +103,21 @@ def check_same_cohort(config: Any, data: Any) -> None:
 
 def run_order(modes: tuple[str, ...], variants: tuple[str, ...]) -> list[tuple[str, str]]:
     """Runs in an order that puts each ehrjax mode next to its torch counterpart."""
-    order = [("torch", "sorted"), ("ehrjax", "pack"), ("torch", "pad_longest"), ("torch", "pad_max"),
-             ("ehrjax", "pad_max"), ("ehrjax", "bucket")]  # fmt: skip
+    order = [("torch", "sorted"), ("ehrjax", "pack"), ("ehrjax", "pack_buckets"), ("torch", "pad_longest"),
+             ("torch", "pad_max"), ("ehrjax", "pad_max"), ("ehrjax", "bucket")]  # fmt: skip
     return [(side, name) for side, name in order if name in (modes if side == "ehrjax" else variants)]
 
 
 def ratios(ehrjax_rows: dict[str, dict], torch_rows: dict[str, dict]) -> list[dict[str, Any]]:
-    """Real tokens/s ratios of the `PAIRS` both sides ran, with their targets."""
+    """Real tokens/s ratios of the `PAIRS` both sides ran (every torch row `variant` or `variant/head`), with
+    their targets."""
     out = []
     for mode, variant, target in PAIRS:
-        if mode in ehrjax_rows and variant in torch_rows:
-            ratio = ehrjax_rows[mode]["real_tokens_per_s"] / torch_rows[variant]["real_tokens_per_s"]
-            met = None if target is None else ratio >= target
-            out.append({"ehrjax": mode, "torch": variant, "ratio": ratio, "target": target, "met": met})
+        for row in torch_rows:
+            if mode in ehrjax_rows and row.split("/")[0] == variant:
+                ratio = ehrjax_rows[mode]["real_tokens_per_s"] / torch_rows[row]["real_tokens_per_s"]
+                met = None if target is None else ratio >= target
+                out.append({"ehrjax": mode, "torch": row, "ratio": ratio, "target": target, "met": met})
     return out
 
 
@@ -148,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="patients per batch: torch, ehrjax pad_max")
     parser.add_argument("--rows-per-batch", type=int, default=16, help="ehrjax pack rows of max_len tokens")
     parser.add_argument("--tokens-per-batch", type=int, default=8192, help="ehrjax bucket token slots")
-    parser.add_argument("--modes", default="pack,bucket,pad_max", help=f"ehrjax modes, some of {MODES}")
+    parser.add_argument("--modes", default="pack,pack_buckets,bucket,pad_max", help=f"ehrjax modes, some of {MODES}")
     parser.add_argument("--variants", default=",".join(TORCH_VARIANTS), help="torch variants")
     parser.add_argument("--steps", type=int, default=10, help="ehrjax timed steps per batch shape")
     parser.add_argument("--warmup", type=int, default=2, help="ehrjax untimed steps per batch shape")
     parser.add_argument("--torch-steps", default="pad_max=8,pad_longest=40,sorted=100", help="timed steps")
     parser.add_argument("--torch-warmup", type=int, default=1)
-    parser.add_argument("--mlm-logits", default="all", choices=("all", "masked"), help="torch MLM head input")
+    parser.add_argument("--mlm-logits", default="all", help="torch MLM head input: all, masked or all,masked")
     parser.add_argument(
         "--threads", type=int, default=0, help="0: all cores; 1: torch 1 thread and XLA single-threaded"
     )
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         modes = parse_list(args.modes, MODES, "--modes")
         variants = parse_list(args.variants, TORCH_VARIANTS, "--variants")
         torch_steps = {k: int(v) for k, v in (item.split("=") for item in args.torch_steps.split(","))}
+        heads = parse_list(args.mlm_logits, ("all", "masked"), "--mlm-logits")
     except ValueError as err:
         parser.error(str(err))
     try:
@@ -192,17 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     ehrjax_rows: dict[str, dict] = {}
     torch_rows: dict[str, dict] = {}
-    for side, name in run_order(modes, variants):  # counterparts back to back: load drift hits them alike
+    runs = [(side, name, head) for side, name in run_order(modes, variants)
+            for head in (heads if side == "torch" else (None,))]  # fmt: skip
+    for side, name, head in runs:  # counterparts back to back: load drift hits them alike
         load = os.getloadavg()[0]
         if side == "ehrjax":
             r = ehrjax_rows[name] = profile_mode(config, name, "float32", args.steps, warmup=args.warmup)
             step_ms = 1e3 * r["step_s"]
         else:
-            r = torch_rows[name] = tb.run_baseline(
+            r = tb.run_baseline(
                 name, preset=args.preset, max_len=args.max_len, batch_size=args.batch_size,
                 num_patients=args.num_patients, steps=torch_steps.get(name, 20), warmup=args.torch_warmup,
-                seed=args.seed, mlm_logits=args.mlm_logits, threads=args.threads or None, data=data,
+                seed=args.seed, mlm_logits=head, threads=args.threads or None, data=data,
             )  # fmt: skip
+            name = name if len(heads) == 1 else f"{name}/{head}"
+            torch_rows[name] = r
             step_ms = r["step_ms"]
         r["load"] = (load, os.getloadavg()[0])
         print(
@@ -212,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = ratios(ehrjax_rows, torch_rows)
     print(
         f"\npreset {args.preset}, max_len {args.max_len}, torch MLM logits '{args.mlm_logits}', "
-        f"torch {tb.torch.__version__} ({torch_rows[variants[0]]['threads']} threads); load {load0:.2f} -> "
+        f"torch {tb.torch.__version__} ({next(iter(torch_rows.values()))['threads']} threads); load {load0:.2f} -> "
         f"{os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s\n"
     )
     print(format_report(ehrjax_rows, torch_rows, pairs))

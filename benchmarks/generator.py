@@ -1,6 +1,12 @@
 """Synthetic-generator throughput: patients/s, tokens/s and peak memory per cohort size.
 
     python benchmarks/generator.py --sizes 10000 100000 1000000
+    python benchmarks/generator.py --whole-process 1000000 --workers 1 2 --rounds 2
+
+`--whole-process N` times the CLI end to end instead (`python -m ehrjax.data.synthetic --num-patients N
+--seed 0 --stream pretrain --out <tmp>.npz`: interpreter start, imports, generation, the .npz write and the
+summary), once per `--workers` value per round, the values taking turns so load drift hits them alike; it
+prints wall seconds, the child's CPU seconds (user + system) and the 1-minute load average before each run.
 
 Time is the best of `--repeats` runs; peak memory is traced (tracemalloc sees numpy's allocations) in a
 separate run so the tracing does not slow the timed ones. Target: >= 100,000 patients/s on 2 CPU cores.
@@ -11,8 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 
 from ehrjax.data.synthetic import generate_cohort
 
@@ -23,7 +34,13 @@ def main() -> None:
     parser.add_argument("--stream", default="pretrain")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-noise-codes", type=int, default=1000)
+    parser.add_argument("--whole-process", type=int, default=0, metavar="N", help="time the CLI at N patients")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--workers values (whole process)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over --workers (whole process)")
     args = parser.parse_args()
+    if args.whole_process:
+        whole_process(args.whole_process, args.stream, args.workers, args.rounds)
+        return
 
     generate_cohort(1000, 0, args.stream, args.num_noise_codes)  # warm caches and imports
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; stream {args.stream}")
@@ -42,6 +59,27 @@ def main() -> None:
         tracemalloc.stop()
         best = min(times)
         print(f"{n:>10,} {tokens:>12,} {best:>8.2f} {n / best:>12,.0f} {tokens / best:>12,.0f} {peak:>9.0f}")
+
+
+def whole_process(n: int, stream: str, workers: list[int], rounds: int) -> None:
+    """Wall and CPU seconds of the generator CLI at `n` patients per workers value, alternating."""
+    machine = platform.processor() or platform.machine()
+    print(f"machine: {machine}, {os.cpu_count()} cores; stream {stream}, {n:,} patients")
+    print(f"{'round':>5} {'workers':>7} {'load':>5} {'wall s':>7} {'cpu s':>6} {'patients/s':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "cohort.npz"
+        for r in range(rounds):
+            for w in workers:
+                load = os.getloadavg()[0]
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                start = time.perf_counter()
+                cmd = [sys.executable, "-m", "ehrjax.data.synthetic", "--num-patients", str(n), "--seed", "0",
+                       "--stream", stream, "--out", str(out), "--workers", str(w)]  # fmt: skip
+                subprocess.run(cmd, check=True, capture_output=True)
+                wall = time.perf_counter() - start
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                print(f"{r:>5} {w:>7} {load:>5.2f} {wall:>7.2f} {cpu:>6.2f} {n / wall:>11,.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
     m.update(MODEL_PRESETS[preset])
     m.dropout = 0.1
     m.attention_dropout = 0.1
+    # Random bits per dropout decision (embeddings, residual and attention dropout): 32 = jax.random.bernoulli
+    # (nnx.Dropout's mask); 16 or 8 draw narrower ints (cheaper; the rate rounds to a multiple of 2**-bits).
+    m.dropout_bits = 32
     m.max_visits = 512  # size of the visit-index position table
     m.age_bucket_months = 12
     m.max_age_months = 110 * 12
@@ -40,7 +43,11 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
     m.scan_layers = False
     m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
     m.tie_mlm = False
-    m.attention_impl = "xla"  # passed to jax.nn.dot_product_attention: 'xla' | 'cudnn' | None
+    # 'xla' | 'cudnn' | None: passed to jax.nn.dot_product_attention with the dense block-diagonal mask;
+    # 'pallas': the Pallas Triton flash-attention kernel with segment ids (GPU; elsewhere 'xla', with a warning).
+    # 'cudnn' and 'pallas' have no attention dropout: they need attention_dropout = 0.
+    m.attention_impl = "xla"
+    m.attention_interpret = False  # pallas: run the kernel in Pallas interpret mode on any platform (slow; tests)
     return m
 
 
@@ -67,13 +74,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.meds_visit_hours = 0.0  # meds: events <= this many hours apart form one visit (0: same timestamp)
     c.data.num_noise_codes = 1000
     c.data.min_count = 1
-    c.data.batching = "pack"  # 'pack' | 'bucket' | 'pad_max'
+    c.data.batching = "pack"  # 'pack' | 'bucket' | 'pad_max' | 'pack_buckets'
     c.data.max_len = 256  # truncation length in tokens, [CLS] and [SEP] included
     c.data.row_len = 256  # pack: tokens per row
     c.data.rows_per_batch = 32  # pack: rows per batch
     c.data.slots_per_row = 16  # pack: patient (CLS / label) slots per row
-    c.data.tokens_per_batch = 8192  # bucket: tokens per batch, a multiple of every bucket length
+    c.data.tokens_per_batch = 8192  # bucket, pack_buckets: tokens per batch, a multiple of every row length
     c.data.bucket_min_len = 8  # bucket: shortest bucket (a power of two); buckets double up to max_len
+    # pack_buckets: shortest packed row; row lengths double from it while below row_len, then row_len
+    # (32 -> 32, 64, 128 at row_len 128). slots_per_row applies to every row length.
+    c.data.pack_min_len = 32
     c.data.batch_size = 32  # pad_max: patients per batch
     c.data.mask_prob = 0.15
     c.data.mlm_slot_factor = 1.5  # masked-position slots = factor x mask_prob x tokens per batch
@@ -192,6 +202,9 @@ def gpu_config(name: str, batch_scale: int = 1) -> ml_collections.ConfigDict:
     c.model = model_config("large")
     c.model.dtype = "bfloat16"
     c.model.scan_layers = True
+    # The fused, segment-aware kernel; it has no attention dropout (hidden-state dropout stays at 0.1).
+    c.model.attention_impl = "pallas"
+    c.model.attention_dropout = 0.0
     c.lora.rank = 16
     c.optim.learning_rate = 5e-4
     c.optim.warmup_steps = 500

@@ -241,7 +241,7 @@ def profile_mode(
 def format_table(results: list[dict[str, Any]]) -> str:
     """Aligned text table of `profile_mode` results."""
     head = (
-        f"{'mode':<8} {'dtype':<9} {'shapes':>6} {'compile s':>9} {'step ms':>8} {'min':>7} {'max':>7} "
+        f"{'mode':<12} {'dtype':<9} {'shapes':>6} {'compile s':>9} {'step ms':>8} {'min':>7} {'max':>7} "
         f"{'real tok/s':>11} {'slots/s':>10} {'eff.':>6} {'patients/s':>10} {'GFLOP/step':>10} {'MFU':>7} "
         f"{'HFU':>7} {'exe MiB':>8}"
     )
@@ -249,7 +249,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         mem = r["memory"]["compiled_bytes"] or 0
         lines.append(
-            f"{r['mode']:<8} {r['dtype']:<9} {r['num_shapes']:>6d} {r['compile_s']:>9.1f} {1e3 * r['step_s']:>8.1f} "
+            f"{r['mode']:<12} {r['dtype']:<9} {r['num_shapes']:>6d} {r['compile_s']:>9.1f} {1e3 * r['step_s']:>8.1f} "
             f"{1e3 * r['step_min_s']:>7.1f} {1e3 * r['step_max_s']:>7.1f} {r['real_tokens_per_s']:>11,.0f} "
             f"{r['computed_tokens_per_s']:>10,.0f} {r['efficiency']:>6.3f} {r['patients_per_s']:>10,.1f} "
             f"{r['model_flops_per_step'] / 1e9:>10.2f} {r['mfu']:>7.2%} {r['hfu']:>7.2%} {mem / 2**20:>8.1f}"

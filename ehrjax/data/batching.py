@@ -12,6 +12,12 @@ Modes (`data.batching`):
   `tokens_per_batch // bucket` rows per batch; one shape per bucket. A bucket's last, partial batch moves up
   into the next bucket, so only the largest bucket has one.
 - `pad_max`: one patient per row of `max_len` tokens, `batch_size` rows per batch (the reference study).
+- `pack_buckets`: packing into rows of several lengths (`pack_row_lengths`: powers of two from
+  `pack_min_len`, then `row_len`), `tokens_per_batch // length` rows per batch; one shape per row length. A
+  patient longer than the next shorter row length goes to rows of this length; the gaps of those rows are
+  then filled with shorter patients (free: the slots are computed anyway), and what is left goes down to the
+  next length (see `pack_row_classes`). Short rows make attention, which a packed row pays over its whole
+  length, cheaper while packing keeps padding low.
 
 In a row, slots are laid out back to back from position 0 in slot order, then padding. The last partial batch
 of a group is filled with empty rows, so every patient appears exactly once per epoch at a static shape.
@@ -34,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from ehrjax.data.tokenize import TokenizedCorpus
 from ehrjax.data.vocab import PAD
 
-MODES: tuple[str, ...] = ("pack", "bucket", "pad_max")
+MODES: tuple[str, ...] = ("pack", "bucket", "pad_max", "pack_buckets")
 DATA_AXIS = "data"
 Batch = dict[str, jax.Array]
 
@@ -217,6 +223,86 @@ def pack_rows(lengths: np.ndarray, row_len: int, slots_per_row: int) -> tuple[np
     row, slot, start = (np.empty_like(row_s) for _ in range(3))
     row[order], slot[order], start[order] = row_s, slot_s, start_s
     return row, slot, start, num_rows
+
+
+def pack_row_lengths(row_len: int, min_len: int) -> tuple[int, ...]:
+    """Row lengths of `pack_buckets`: `min_len`, doubling while below `row_len`, then `row_len` itself."""
+    if not isinstance(min_len, int) or not 1 <= min_len <= row_len:
+        raise ValueError(f"data.pack_min_len must be an integer in [1, data.row_len={row_len}], got {min_len!r}")
+    out = [min_len]
+    while 2 * out[-1] < row_len:
+        out.append(2 * out[-1])
+    if out[-1] != row_len:
+        out.append(row_len)
+    return tuple(out)
+
+
+_FILL_ROUNDS = 8  # best-fit passes over the leftovers into a class's gaps (the last ones place almost nothing)
+
+
+def _pack_classes_sorted(
+    lengths: np.ndarray, row_lengths: tuple[int, ...], slots: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]:
+    """Pack lengths sorted in decreasing order into rows of several lengths, longest rows first.
+
+    Rows of length L take every item longer than the next shorter row length (they fit nowhere else), packed
+    by `_pack_sorted`; best-fit decreasing then fills their gaps with the shorter items (existing rows only),
+    and the items left over go on to the next shorter length, whose rows take all that remain at the end.
+    Returns per row length (item, row, slot, start, num_rows), `item` indexing `lengths`.
+    """
+    remaining = np.arange(len(lengths))
+    out = []
+    for k in range(len(row_lengths) - 1, -1, -1):
+        row_len = row_lengths[k]
+        shorter = row_lengths[k - 1] if k else 0
+        must = remaining[lengths[remaining] > shorter]
+        rest = remaining[lengths[remaining] <= shorter]
+        if len(must) == 0:
+            out.append((must, must, must, must, 0))
+            continue
+        row, slot, start, num_rows = _pack_sorted(lengths[must], row_len, slots)
+        free = row_len - np.bincount(row, weights=lengths[must], minlength=num_rows).astype(np.int64)
+        used = np.bincount(row, minlength=num_rows).astype(np.int64)
+        pieces = [(must, row, slot, start)]
+        for _ in range(_FILL_ROUNDS):
+            if len(rest) == 0 or not np.any((free > 0) & (used < slots)):
+                break
+            r, sl, st, _ = _bfd_sorted(lengths[rest], row_len, slots, free, used)
+            placed = r < num_rows  # in an existing row's gap, not a new row
+            if not placed.any():
+                break
+            pieces.append((rest[placed], r[placed], sl[placed], st[placed]))
+            np.subtract.at(free, r[placed], lengths[rest[placed]])
+            np.add.at(used, r[placed], 1)
+            rest = rest[~placed]
+        item, row, slot, start = (np.concatenate(column) for column in zip(*pieces, strict=True))
+        out.append((item, row, slot, start, num_rows))
+        remaining = rest
+    return out[::-1]
+
+
+def pack_row_classes(
+    lengths: np.ndarray, row_lengths: tuple[int, ...], slots_per_row: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]:
+    """Pack items of `lengths` into rows of the lengths `row_lengths` (increasing), at most `slots_per_row`
+    items per row (the `pack_buckets` layout).
+
+    Each item lands in exactly one class. Returns per row length (items, row, slot, start, num_rows): int64
+    arrays over that class's items (`items` index `lengths`), slots back to back from position 0 in each row.
+    Depends only on the multiset of lengths (ties in input order), so row counts are the same every epoch.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if slots_per_row < 1:
+        raise ValueError(f"data.slots_per_row must be >= 1, got {slots_per_row}")
+    if list(row_lengths) != sorted(set(row_lengths)) or not row_lengths or row_lengths[0] < 1:
+        raise ValueError(f"row lengths must be positive and increasing, got {row_lengths}")
+    if len(lengths) and (lengths.min() < 1 or lengths.max() > row_lengths[-1]):
+        raise ValueError(
+            f"data.row_len ({row_lengths[-1]}) must hold every item; lengths span {lengths.min()}..{lengths.max()}"
+        )
+    order = np.argsort(-lengths, kind="stable")
+    return [(order[i], row, slot, start, n) for i, row, slot, start, n in
+            _pack_classes_sorted(lengths[order], tuple(row_lengths), slots_per_row)]  # fmt: skip
 
 
 @jax.tree_util.register_dataclass
@@ -407,6 +493,7 @@ class DeviceBatcher:
         tokens_per_batch: int = 8192,
         batch_size: int = 32,
         bucket_min_len: int = 8,
+        pack_min_len: int = 32,
         seed: int = 0,
         patients: np.ndarray | None = None,
         labels: np.ndarray | None = None,
@@ -462,6 +549,29 @@ class DeviceBatcher:
             self.shapes = [(self._bucket_rows[b], self.buckets[b]) for b in self._bucket_ids]
             self.group_batches = [self._bucket_batches[b] for b in self._bucket_ids]
             self.slots = 1
+        elif mode == "pack_buckets":
+            if row_len < max_len:
+                raise ValueError(
+                    f"data.row_len ({row_len}) must be >= data.max_len ({max_len}): a truncated patient must fit"
+                )
+            if slots_per_row < 1:
+                raise ValueError(f"data.slots_per_row must be >= 1, got {slots_per_row}")
+            self.row_lengths = pack_row_lengths(row_len, pack_min_len)
+            multiple = math.lcm(*self.row_lengths)
+            if tokens_per_batch < 1 or tokens_per_batch % multiple:
+                raise ValueError(
+                    f"data.tokens_per_batch ({tokens_per_batch}) must be a positive multiple of every pack row "
+                    f"length {self.row_lengths}, i.e. of {multiple}"
+                )
+            sorted_lengths = np.sort(self.lengths, kind="stable")[::-1]
+            classes = _pack_classes_sorted(sorted_lengths, self.row_lengths, slots_per_row)
+            self._class_ids = [k for k, layout in enumerate(classes) if layout[4]]
+            self._class_layouts = [classes[k] for k in self._class_ids]
+            self.shapes = [(tokens_per_batch // self.row_lengths[k], self.row_lengths[k]) for k in self._class_ids]
+            self.group_batches = [
+                -(-layout[4] // rows) for layout, (rows, _) in zip(self._class_layouts, self.shapes, strict=True)
+            ]
+            self.slots = slots_per_row
         else:
             if batch_size < 1:
                 raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -474,7 +584,8 @@ class DeviceBatcher:
             if DATA_AXIS not in mesh.axis_names:
                 raise ValueError(f"mesh: expected a {DATA_AXIS!r} axis, got axes {mesh.axis_names}")
             devices = mesh.shape[DATA_AXIS]
-            key = {"pack": "rows_per_batch", "bucket": "tokens_per_batch", "pad_max": "batch_size"}[mode]
+            key = {"pack": "rows_per_batch", "bucket": "tokens_per_batch", "pad_max": "batch_size",
+                   "pack_buckets": "tokens_per_batch"}[mode]  # fmt: skip
             for rows, length in self.shapes:
                 if rows % devices:
                     raise ValueError(
@@ -512,6 +623,7 @@ class DeviceBatcher:
             tokens_per_batch=data.tokens_per_batch,
             batch_size=data.batch_size,
             bucket_min_len=data.get("bucket_min_len", 8),
+            pack_min_len=data.get("pack_min_len", 32),
             seed=seed,
             patients=patients,
             labels=labels,
@@ -565,6 +677,11 @@ class DeviceBatcher:
                 if k:
                     zeros = np.zeros(len(members), dtype=np.int64)
                     parts.append(self._rows(np.arange(len(members)), members, zeros, zeros, k, rows))
+        elif self.mode == "pack_buckets":
+            by_length = patients[np.argsort(-lengths, kind="stable")]
+            for (item, row, slot, start, num_rows), (rows, _) in zip(self._class_layouts, self.shapes, strict=True):
+                row_ids = rng.permutation(num_rows) if shuffle else np.arange(num_rows)
+                parts.append(self._rows(row_ids[row], by_length[item], slot, start, num_rows, rows))
         else:
             k = len(patients)
             zeros = np.zeros(k, dtype=np.int64)
@@ -637,12 +754,12 @@ def format_padding_report(report: dict[str, dict[str, float]]) -> str:
     """The padding report as an aligned text table (`init s`: building the batcher, the packing layout
     included; `plan s`: planning one epoch)."""
     lines = [
-        f"{'mode':<8} {'efficiency':>10} {'shapes':>6} {'batches':>8} {'real tokens':>12} "
+        f"{'mode':<12} {'efficiency':>10} {'shapes':>6} {'batches':>8} {'real tokens':>12} "
         f"{'computed':>12} {'init s':>7} {'plan s':>7}"
     ]
     for mode, r in report.items():
         lines.append(
-            f"{mode:<8} {r['efficiency']:>10.3f} {r['distinct_shapes']:>6d} {r['num_batches']:>8d} "
+            f"{mode:<12} {r['efficiency']:>10.3f} {r['distinct_shapes']:>6d} {r['num_batches']:>8d} "
             f"{r['real_tokens']:>12,d} {r['computed_tokens']:>12,d} {r['init_seconds']:>7.3f} {r['plan_seconds']:>7.3f}"
         )
     return "\n".join(lines)

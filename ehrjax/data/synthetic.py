@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -429,8 +433,32 @@ def _outcome_task(
     return onset, index_visit, labels
 
 
-def generate_cohort(num_patients: int, seed: int = 0, stream: str = "pretrain", num_noise_codes: int = 1000) -> Cohort:
+def default_workers() -> int:
+    """Threads `generate_cohort` uses by default: the CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _map(pool: ThreadPoolExecutor | None, fn: Callable[[_T], _R], items: Iterable[_T]) -> list[_R]:
+    """`fn` over `items` in order, on the pool's threads if there is one."""
+    return list(pool.map(fn, items)) if pool is not None else [fn(x) for x in items]
+
+
+def generate_cohort(
+    num_patients: int,
+    seed: int = 0,
+    stream: str = "pretrain",
+    num_noise_codes: int = 1000,
+    workers: int | None = None,
+) -> Cohort:
     """The first `num_patients` patients of stream `stream` (`pretrain` | `finetune`) for `seed`.
+
+    Blocks are independent (each has its own generator), so `workers` threads generate them concurrently
+    (numpy's sorts, random fills and element-wise kernels run without the GIL); the result is bitwise the
+    same for any `workers`. `workers=None`: `default_workers()`; `1`: serial, no threads.
 
     Labels (finetune stream): `outcome` int8 (1/0, -1 not eligible), `outcome_p` float32 (the true
     probability; NaN if not eligible), `index_visit` int32, ragged `next_visit` (diagnosis code indices of
@@ -443,12 +471,22 @@ def generate_cohort(num_patients: int, seed: int = 0, stream: str = "pretrain", 
         raise ValueError(f"stream {stream!r} unknown; expected one of {sorted(STREAMS)}")
     if num_noise_codes < 1:
         raise ValueError(f"num_noise_codes must be >= 1, got {num_noise_codes}")
+    if workers is None:
+        workers = default_workers()
+    if not isinstance(workers, int | np.integer) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     tables = _tables(num_noise_codes)
     n_blocks = -(-num_patients // BLOCK_SIZE)
-    blocks = [_generate_block(seed, stream, b, tables) for b in range(n_blocks)]
-    last = num_patients - (n_blocks - 1) * BLOCK_SIZE
-    blocks[-1] = _truncate_block(blocks[-1], last)
-    return _assemble(blocks, num_patients, seed, stream, num_noise_codes)
+    workers = min(int(workers), n_blocks)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="synthetic") if workers > 1 else None
+    try:
+        blocks = _map(pool, lambda b: _generate_block(seed, stream, b, tables), range(n_blocks))
+        last = num_patients - (n_blocks - 1) * BLOCK_SIZE
+        blocks[-1] = _truncate_block(blocks[-1], last)
+        return _assemble(blocks, num_patients, seed, stream, num_noise_codes, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def _truncate_block(block: _Block, n: int) -> _Block:
@@ -478,9 +516,18 @@ def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(shifted).astype(np.int64)
 
 
-def _assemble(blocks: list[_Block], n: int, seed: int, stream: str, num_noise_codes: int) -> Cohort:
-    records = {k: np.concatenate([b.records[k] for b in blocks]) for k in blocks[0].records}
-    patients = {k: np.concatenate([b.patients[k] for b in blocks]) for k in blocks[0].patients}
+def _assemble(
+    blocks: list[_Block], n: int, seed: int, stream: str, num_noise_codes: int, pool: ThreadPoolExecutor | None = None
+) -> Cohort:
+    """One cohort from its blocks; the per-field concatenations (memory copies) run on `pool` if given."""
+    record_keys, patient_keys = list(blocks[0].records), list(blocks[0].patients)
+    joined = _map(
+        pool,
+        np.concatenate,
+        [[b.records[k] for b in blocks] for k in record_keys] + [[b.patients[k] for b in blocks] for k in patient_keys],
+    )
+    records = dict(zip(record_keys, joined[: len(record_keys)], strict=True))
+    patients = dict(zip(patient_keys, joined[len(record_keys) :], strict=True))
     labels: dict[str, np.ndarray] = {"onset_age_months": patients.pop("onset_age_months")}
     for name in blocks[0].labels:
         if name.endswith("_offsets"):
@@ -506,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream", default="pretrain", help=f"one of {sorted(STREAMS)}")
     parser.add_argument("--num-noise-codes", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=None, help="threads (default: the usable CPU cores; 1: serial)")
     parser.add_argument("--out", type=Path, required=True, help="output .npz path")
     args = parser.parse_args(argv)
     try:
@@ -514,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out {out}: expected a path ending in .npz")
         if not out.parent.is_dir():
             raise ValueError(f"--out {out}: folder {out.parent} does not exist")
-        cohort = generate_cohort(args.num_patients, args.seed, args.stream, args.num_noise_codes)
+        cohort = generate_cohort(args.num_patients, args.seed, args.stream, args.num_noise_codes, args.workers)
         cohort.save(out)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -28,13 +28,13 @@ from flax import nnx
 
 from ehrjax.data.vocab import NUM_SPECIAL
 from ehrjax.models.embeddings import BehrtEmbeddings
-from ehrjax.models.encoder import Encoder, attention_mask, split_key, stack_layers, unstack_layers
+from ehrjax.models.encoder import Encoder, split_key, stack_layers, unstack_layers
 from ehrjax.models.heads import ClassifierHead, MlmHead, gather_positions
 from ehrjax.models.lora import LORA_TARGETS, add_lora, validate_lora_config
 
 COMPUTE_DTYPES: dict[str, jnp.dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 POSITION_TYPES: tuple[str, ...] = ("sinusoidal", "learned")
-ATTENTION_IMPLS: tuple[str | None, ...] = ("xla", "cudnn", None)
+ATTENTION_IMPLS: tuple[str | None, ...] = ("xla", "cudnn", None, "pallas")
 INPUT_KEYS: tuple[str, ...] = ("codes", "ages", "visits", "segment_ids")
 CODE_TABLE_PATH: tuple[str, ...] = ("embeddings", "code", "embedding")  # where the code table lives
 
@@ -78,6 +78,11 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     for key in ("dropout", "attention_dropout"):
         if not 0.0 <= cfg[key] < 1.0:
             raise ValueError(f"model.{key} must be in [0, 1), got {cfg[key]!r}")
+    if cfg.attention_impl in ("cudnn", "pallas") and cfg.attention_dropout > 0:
+        raise ValueError(
+            f"model.attention_impl={cfg.attention_impl!r} has no attention dropout; set model.attention_dropout=0 "
+            f"(got {cfg.attention_dropout}) or model.attention_impl='xla'"
+        )
 
 
 def validate_lora_dims(lora_cfg: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict) -> None:
@@ -160,7 +165,7 @@ class Behrt(nnx.Module):
         key = _dropout_key(rngs, deterministic)
         k_embed, k_encoder = split_key(key, 2)
         x = self.embeddings(codes, ages, visits, deterministic=deterministic, rngs=k_embed)
-        return self.encoder(x, attention_mask(segment_ids), deterministic=deterministic, rngs=k_encoder)
+        return self.encoder(x, segment_ids, deterministic=deterministic, rngs=k_encoder)
 
     def mlm_logits(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
         """hidden: f[batch, seq, H], positions: int32[batch, M] -> f32[batch, M, vocab].

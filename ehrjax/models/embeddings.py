@@ -18,6 +18,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ehrjax.models.dropout import Dropout
+
 EMBED_STD = 0.02
 EMBED_INIT = nnx.initializers.normal(stddev=EMBED_STD)
 POSITION_SCALE = EMBED_STD  # see BehrtEmbeddings
@@ -58,7 +60,7 @@ class BehrtEmbeddings(nnx.Module):
         if cfg.position == "learned":
             self.position = nnx.Embed(cfg.max_visits, cfg.hidden_dim, embedding_init=EMBED_INIT, rngs=rngs)
         self.norm = nnx.LayerNorm(cfg.hidden_dim, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout, cfg.get("dropout_bits", 32))
 
     def __call__(
         self,

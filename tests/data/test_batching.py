@@ -1,3 +1,4 @@
+import functools
 import os
 import re
 import subprocess
@@ -19,6 +20,8 @@ from ehrjax.data.batching import (
     batch_at,
     bucket_lengths,
     format_padding_report,
+    pack_row_classes,
+    pack_row_lengths,
     pack_rows,
     padding_report,
     to_device,
@@ -106,7 +109,8 @@ def check_epoch(batcher: DeviceBatcher, corpus: TokenizedCorpus, plan) -> list[i
 
 def make_batcher(corpus, mode, **kw) -> DeviceBatcher:
     defaults = dict(
-        row_len=corpus.max_len, rows_per_batch=2, slots_per_row=4, tokens_per_batch=64, batch_size=3, bucket_min_len=4
+        row_len=corpus.max_len, rows_per_batch=2, slots_per_row=4, tokens_per_batch=64, batch_size=3, bucket_min_len=4,
+        pack_min_len=4,
     )
     defaults.update(kw)
     return DeviceBatcher(corpus, mode=mode, **defaults)
@@ -142,11 +146,59 @@ def test_pack_rows_is_a_valid_packing(lengths, row_len, slots, target):
     check_packing(ordered, *_spread_sorted(ordered, row_len, slots, num_rows), row_len, slots)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 64), min_size=1, max_size=300),
+    row_lengths=st.sampled_from([(64,), (8, 16, 32, 64), (16, 32, 64), (5, 10, 20, 40, 64)]),
+    slots=st.integers(1, 12),
+)
+@example(lengths=[64, 33, 33, 1, 1, 1], row_lengths=(8, 16, 32, 64), slots=2)
+def test_pack_row_classes_is_a_valid_packing_per_length(lengths, row_lengths, slots):
+    lengths = np.asarray(lengths)
+    classes = pack_row_classes(lengths, row_lengths, slots)
+    assert len(classes) == len(row_lengths)
+    items = np.concatenate([c[0] for c in classes])
+    assert sorted(items.tolist()) == list(range(len(lengths)))  # every item exactly once
+    for k, (item, row, slot, start, num_rows) in enumerate(classes):
+        if num_rows == 0:
+            assert len(item) == 0
+            continue
+        check_packing(lengths[item], row, slot, start, num_rows, row_lengths[k], slots)
+        # An item goes to rows no shorter than the shortest that holds it.
+        shortest = np.searchsorted(np.asarray(row_lengths), lengths[item], side="left")
+        assert (shortest <= k).all()
+    # The layout depends only on the multiset of lengths: a permutation gives the same row counts.
+    permuted = pack_row_classes(lengths[::-1], row_lengths, slots)
+    assert [c[4] for c in permuted] == [c[4] for c in classes]
+
+
+def test_pack_row_classes_fills_long_rows_with_short_patients():
+    # Two patients of 40 open two 64-rows; the 20s fill their gaps (no 32-row opens), then one 3 each; the other
+    # eight 3s go down to 16-rows: 5 + 3 of them.
+    lengths = np.asarray([40, 40, 20, 20, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3])
+    classes = pack_row_classes(lengths, (16, 32, 64), 8)
+    assert [c[4] for c in classes] == [2, 0, 2]
+    item, row, _, _, _ = classes[2]
+    assert np.bincount(row, weights=lengths[item]).tolist() == [63, 63]
+    item, row, _, _, _ = classes[0]
+    assert lengths[item].tolist() == [3] * 8 and sorted(np.bincount(row).tolist()) == [3, 5]
+
+
+def test_pack_row_lengths():
+    assert pack_row_lengths(128, 32) == (32, 64, 128)
+    assert pack_row_lengths(512, 64) == (64, 128, 256, 512)
+    assert pack_row_lengths(100, 16) == (16, 32, 64, 100)
+    assert pack_row_lengths(128, 128) == (128,)
+    for bad in (0, 129):
+        with pytest.raises(ValueError, match=r"data\.pack_min_len"):
+            pack_row_lengths(128, bad)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
     n=st.integers(1, 40),
-    mode=st.sampled_from(["pack", "bucket", "pad_max"]),
+    mode=st.sampled_from(["pack", "bucket", "pad_max", "pack_buckets"]),
     max_len=st.sampled_from([8, 16]),
     wide=st.booleans(),
     subset=st.booleans(),
@@ -166,9 +218,63 @@ def test_every_patient_exactly_once_and_reconstructed(seed, n, mode, max_len, wi
     assert sum(g.num_batches for g in plan.groups) == plan.num_batches
 
 
+def patient_hidden_states(batcher: DeviceBatcher, plan, encode) -> dict[int, np.ndarray]:
+    """Per patient of the plan, the encoder's hidden states at its tokens: f32[length, hidden]."""
+    out = {}
+    for batch in batcher.iterate(plan):
+        hidden = np.asarray(encode(*(batch[k] for k in ("codes", "ages", "visits", "segment_ids"))))
+        patient, cls, length = (np.asarray(batch[k]) for k in ("patient_index", "cls_index", "segment_ids"))
+        for r, s in zip(*np.nonzero(patient >= 0), strict=True):
+            n = int(np.sum(length[r] == s + 1))
+            out[int(patient[r, s])] = hidden[r, cls[r, s] : cls[r, s] + n]
+    return out
+
+
+@functools.cache
+def tiny_encoder():
+    """A jitted deterministic encode of a tiny BEHRT (one compilation per batch shape for the whole module)."""
+    from flax import nnx
+
+    from ehrjax.config import model_config
+    from ehrjax.models.behrt import Behrt
+
+    model = Behrt(model_config("tiny"), len(VOCAB), mlm_head=False, rngs=nnx.Rngs(params=0))
+    graphdef, state = nnx.split(model)
+    encode = jax.jit(lambda state, *inputs: nnx.merge(graphdef, state).encode(*inputs))
+    return functools.partial(encode, state)
+
+
+def check_model_output_per_patient(seed: int, n: int, modes: tuple[str, ...]) -> None:
+    """Per mode, two epochs (other rows, row lengths and neighbours): the same hidden states per patient as one
+    patient per row (pad_max), as the block-diagonal mask and per-patient positions promise."""
+    corpus = tokenize(random_cohort(seed, n), VOCAB, 16)
+    encode = tiny_encoder()
+    one_per_row = make_batcher(corpus, "pad_max")
+    reference = patient_hidden_states(one_per_row, one_per_row.plan_epoch(0), encode)
+    assert sorted(reference) == list(range(n))
+    for mode in modes:
+        batcher = make_batcher(corpus, mode, row_len=32)
+        for epoch in (0, 1):
+            got = patient_hidden_states(batcher, batcher.plan_epoch(epoch), encode)
+            assert sorted(got) == list(range(n)), mode
+            for p, h in reference.items():
+                np.testing.assert_allclose(got[p], h, atol=2e-5, err_msg=f"{mode} epoch {epoch} patient {p}")
+
+
+def test_a_patients_model_output_does_not_depend_on_its_row():
+    check_model_output_per_patient(seed=11, n=40, modes=("pack_buckets",))
+
+
+@pytest.mark.slow
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 50))
+def test_a_patients_model_output_does_not_depend_on_its_row_in_any_mode(seed, n):
+    check_model_output_per_patient(seed, n, modes=("pack", "bucket", "pack_buckets"))
+
+
 def test_epoch_order_is_seeded_and_reproducible():
     corpus = tokenize(random_cohort(0, 300), VOCAB, 16)
-    for mode in ("pack", "bucket", "pad_max"):
+    for mode in ("pack", "bucket", "pad_max", "pack_buckets"):
         batcher = make_batcher(corpus, mode, row_len=32, seed=5)
 
         def order(b: DeviceBatcher, epoch: int, shuffle: bool = True) -> list[int]:
@@ -201,8 +307,10 @@ def test_packing_efficiency_on_long_tailed_lengths():
         assert report["pack"]["distinct_shapes"] == 1
         assert report["bucket"]["distinct_shapes"] <= 6
         assert report["pad_max"]["distinct_shapes"] == 1
+        assert report["pack_buckets"]["efficiency"] >= 0.95
+        assert report["pack_buckets"]["distinct_shapes"] == len(pack_row_lengths(row_len, data.pack_min_len))
         text = format_padding_report(report)
-        assert "pack" in text and "bucket" in text and "pad_max" in text
+        assert "pack" in text and "bucket" in text and "pad_max" in text and "pack_buckets" in text
     assert np.isclose(np.mean(lognormal_lengths(20_000, 10_000)), 25, atol=2)
 
 
@@ -293,6 +401,9 @@ def test_bad_input_names_the_key():
         (dict(mode="pack", rows_per_batch=0), "data.rows_per_batch"),
         (dict(mode="bucket", tokens_per_batch=40), "data.tokens_per_batch"),
         (dict(mode="bucket", bucket_min_len=3), "data.bucket_min_len"),
+        (dict(mode="pack_buckets", tokens_per_batch=40), "data.tokens_per_batch"),
+        (dict(mode="pack_buckets", pack_min_len=0), "data.pack_min_len"),
+        (dict(mode="pack_buckets", row_len=8), "data.row_len"),
         (dict(mode="pad_max", batch_size=0), "data.batch_size"),
         (dict(mode="sorted"), "data.batching"),
         (dict(mode="pack", patients=np.asarray([], dtype=np.int64)), "patients"),
@@ -342,8 +453,8 @@ SHARDED_SCRIPT = textwrap.dedent(
     corpus = tokenize(random_cohort(7, 200), VOCAB, 16)
     labels = np.arange(200, dtype=np.float32)
     kw = dict(row_len=32, rows_per_batch=8, slots_per_row=4, tokens_per_batch=128, batch_size=8,
-              bucket_min_len=4, labels=labels, seed=3)
-    for mode in ("pack", "bucket", "pad_max"):
+              bucket_min_len=4, pack_min_len=4, labels=labels, seed=3)
+    for mode in ("pack", "bucket", "pad_max", "pack_buckets"):
         sharded = DeviceBatcher(corpus, mode=mode, mesh=mesh, **kw)
         single = DeviceBatcher(corpus, mode=mode, **kw)
         plan_s, plan_1 = sharded.plan_epoch(2), single.plan_epoch(2)

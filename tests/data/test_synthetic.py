@@ -44,6 +44,19 @@ def test_prefix_stability(n, extra, seed, stream):
     assert large[:n].equals(small)  # records, ids, splits, labels, outcome_p
 
 
+@pytest.mark.parametrize("stream", ["pretrain", "finetune"])
+@pytest.mark.parametrize("n", [1, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE - 7])
+def test_threaded_generation_is_bitwise_the_serial_one(n, stream):
+    serial = generate_cohort(n, 5, stream, workers=1)
+    for workers in (2, 3, 8):  # 8 > blocks: capped
+        threaded = generate_cohort(n, 5, stream, workers=workers)
+        assert threaded.equals(serial)
+        for name in ("codes", "age", "visit", "time", "offsets", "split", "sex", "birth_year"):
+            assert getattr(threaded, name).tobytes() == getattr(serial, name).tobytes(), name
+        for name, value in serial.labels.items():
+            assert threaded.labels[name].tobytes() == value.tobytes(), name
+
+
 def test_documented_prefix_example():
     assert generate_cohort(5000, 0, "finetune")[:4718].equals(generate_cohort(4718, 0, "finetune"))
 
@@ -163,6 +176,8 @@ def test_bag_of_codes_logistic_regression_is_below_the_oracle(finetune):
         (dict(num_patients=-5), "num_patients must be a positive integer"),
         (dict(num_patients=10, stream="other"), "stream 'other' unknown"),
         (dict(num_patients=10, num_noise_codes=0), "num_noise_codes"),
+        (dict(num_patients=10, workers=0), "workers must be a positive integer"),
+        (dict(num_patients=10, workers=1.5), "workers must be a positive integer"),
     ],
 )
 def test_bad_arguments(kwargs, message):

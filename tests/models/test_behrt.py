@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,7 @@ from behrt_inputs import INPUTS, PATIENT_A, PATIENT_B, PATIENT_C, VOCAB_SIZE, en
 from flax import nnx
 
 from ehrjax.models import Behrt, attention_mask, classify_apply, mlm_apply, stack_layers, unstack_layers
+from ehrjax.models.encoder import _warn_pallas_fallback, pallas_supports, segment_attention
 
 
 def test_attention_mask_is_block_diagonal_and_padding_rows_are_not_empty():
@@ -186,3 +190,73 @@ def test_ages_and_visits_beyond_tables_are_clipped(tiny_cfg):
     batch["ages"] = batch["ages"] + 10**6
     batch["visits"] = batch["visits"] + 10**6
     assert bool(jnp.isfinite(encode(model, batch)).all())
+
+
+def _segment_case(seed: int, batch: int = 2, seq: int = 32, heads: int = 2, head_dim: int = 16):
+    """q, k, v f32[batch, seq, heads, head_dim] and packed segment ids (two patients, then padding)."""
+    q, k, v = (jax.random.normal(jax.random.key(seed + i), (batch, seq, heads, head_dim)) for i in range(3))
+    seg = np.zeros((batch, seq), np.int32)
+    seg[0, :10], seg[0, 10:22] = 1, 2
+    seg[1, :29] = 1
+    return q, k, v, jnp.asarray(seg)
+
+
+def test_pallas_kernel_matches_xla_attention_in_interpret_mode():
+    """The Triton flash-attention kernel with segment ids, run by the Pallas interpreter on the CPU."""
+    q, k, v, seg = _segment_case(0)
+    fused = segment_attention(q, k, v, seg, implementation="pallas", interpret=True)
+    xla = segment_attention(q, k, v, seg, implementation="xla")
+    np.testing.assert_allclose(fused, xla, atol=2e-6)
+    # Segments do not see each other: changing patient 2's values leaves patient 1's outputs alone.
+    v2 = v.at[0, 10:22].set(0.0)
+    again = segment_attention(q, k, v2, seg, implementation="pallas", interpret=True)
+    np.testing.assert_array_equal(again[0, :10], fused[0, :10])
+    assert not np.allclose(again[0, 10:22], fused[0, 10:22])
+
+
+@pytest.mark.slow
+def test_pallas_kernel_gradients_match_xla_in_interpret_mode():
+    """The kernel's own (Triton) backward pass against autodiff of the XLA attention."""
+    q, k, v, seg = _segment_case(1)
+    weights = jax.random.normal(jax.random.key(9), q.shape)
+
+    def loss(impl, q, k, v):
+        kw = dict(implementation=impl, interpret=impl == "pallas")
+        return jnp.sum(weights * segment_attention(q, k, v, seg, **kw))
+
+    fused = jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2))(q, k, v)
+    xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", fused, xla, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.slow
+def test_behrt_with_the_pallas_kernel_matches_xla(tiny_cfg):
+    tiny_cfg.attention_dropout = 0.0
+    reference = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(3))
+    tiny_cfg.attention_impl, tiny_cfg.attention_interpret = "pallas", True
+    model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(3))
+    assert model.encoder.layers[0].attn.implementation == "pallas"
+    batch = random_batch(4, batch=2, seq=32)
+    np.testing.assert_allclose(encode(model, batch), encode(reference, batch), atol=1e-5)
+
+
+def test_pallas_falls_back_to_xla_off_gpu_with_a_warning(tiny_cfg, caplog):
+    tiny_cfg.attention_dropout = 0.0
+    tiny_cfg.attention_impl = "pallas"
+    _warn_pallas_fallback.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        model = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(3))
+    assert model.encoder.layers[0].attn.implementation == "xla"
+    assert "needs a GPU" in caplog.text and "using the XLA attention" in caplog.text
+    tiny_cfg.attention_impl = "xla"
+    reference = Behrt(tiny_cfg, VOCAB_SIZE, rngs=nnx.Rngs(3))
+    batch = random_batch(4, batch=2, seq=24)
+    np.testing.assert_array_equal(encode(model, batch), encode(reference, batch))
+
+
+def test_pallas_row_lengths():
+    assert [s for s in range(1, 600) if pallas_supports(s)] == [16, 32, 64, 128, 256, 384, 512]
+    q, k, v, seg = _segment_case(0, seq=24)
+    with pytest.raises(ValueError, match=r"model\.attention_impl='pallas' needs rows .* got 24"):
+        segment_attention(q, k, v, seg, implementation="pallas", interpret=True)

@@ -41,6 +41,17 @@ def test_bad_model_config(key, value, match):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("impl", ["cudnn", "pallas"])
+def test_fused_attention_refuses_attention_dropout(impl):
+    cfg = model_config("tiny")
+    cfg.attention_impl, cfg.attention_dropout = impl, 0.1
+    with pytest.raises(ValueError, match=rf"model\.attention_impl='{impl}' has no attention dropout") as err:
+        construct(cfg)
+    assert "\n" not in str(err.value)
+    cfg.attention_dropout = 0.0
+    construct(cfg)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "match"),
     [
