@@ -38,6 +38,7 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
     m.scan_layers = False
     m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
     m.tie_mlm = False
+    m.mlm_copy = False  # MLM head mixes in a pointer to the patient's visible codes (ehrjax.models.heads.CopyHead)
     m.attention_impl = "xla"  # passed to jax.nn.dot_product_attention: 'xla' | 'cudnn' | None
     return m
 

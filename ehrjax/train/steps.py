@@ -46,7 +46,7 @@ def _mlm_outputs(model: nnx.Module, batch: dict, key: jax.Array, cfg: StepConfig
     )
     inputs = dict(batch, codes=masked)
     hidden = model.encode(*(inputs[k] for k in INPUT_KEYS), deterministic=train_key is None, rngs=train_key)
-    logits = model.mlm_logits(hidden, positions)
+    logits = model.mlm_logits(hidden, positions, masked, batch["segment_ids"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     # The label's rank = how many logits beat it: top-1/top-10 without a sort over the vocabulary (a full
     # sort per slot was 40% of the CPU step).
