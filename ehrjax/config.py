@@ -43,6 +43,7 @@ def model_config(preset: str = "small") -> ml_collections.ConfigDict:
     m.scan_layers = False
     m.dtype = "float32"  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
     m.tie_mlm = False
+    m.mlm_copy = False  # MLM head mixes in a pointer to the patient's visible codes (ehrjax.models.heads.CopyHead)
     # 'xla' | 'cudnn' | None: passed to jax.nn.dot_product_attention with the dense block-diagonal mask;
     # 'pallas': the Pallas Triton flash-attention kernel with segment ids (GPU; elsewhere 'xla', with a warning).
     # 'cudnn' and 'pallas' have no attention dropout: they need attention_dropout = 0.
@@ -182,6 +183,9 @@ def cpu_config(name: str = "cpu") -> ml_collections.ConfigDict:
     c.data.row_len = 128
     c.data.rows_per_batch = 32
     c.data.slots_per_row = 16
+    # The copy head: without it MLM learns to copy a patient's own codes one code at a time and stays near the
+    # copy-mixture baseline for minutes (benchmarks/RESULTS.md, "MLM learning speed").
+    c.model.mlm_copy = True
     c.train.epochs = 8
     return c
 

@@ -136,6 +136,7 @@ class Behrt(nnx.Module):
                 model_cfg.embed_dim,
                 vocab_size,
                 tied=bool(model_cfg.tie_mlm),
+                copy=bool(model_cfg.get("mlm_copy", False)),
                 dtype=dtype,
                 rngs=rngs,
             )
@@ -167,14 +168,28 @@ class Behrt(nnx.Module):
         x = self.embeddings(codes, ages, visits, deterministic=deterministic, rngs=k_embed)
         return self.encoder(x, segment_ids, deterministic=deterministic, rngs=k_encoder)
 
-    def mlm_logits(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
+    def mlm_logits(
+        self,
+        hidden: jax.Array,
+        positions: jax.Array,
+        codes: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
         """hidden: f[batch, seq, H], positions: int32[batch, M] -> f32[batch, M, vocab].
 
-        Gathers the M selected positions first, then projects (padding slots give ignorable logits).
+        Gathers the M selected positions first, then projects (padding slots give ignorable logits). With the
+        copy head (`model.mlm_copy`) the result is the mixture's log-probabilities and `codes` (the masked
+        input) and `segment_ids`, int32[batch, seq], are needed.
         """
         if self.mlm_head is None:
             raise ValueError("this Behrt was built with mlm_head=False")
-        return self.mlm_head(gather_positions(hidden, positions), self.embeddings.code)
+        h = gather_positions(hidden, positions)
+        logits = self.mlm_head(h, self.embeddings.code)
+        if self.mlm_head.copy is None:
+            return logits
+        if codes is None or segment_ids is None:
+            raise ValueError("model.mlm_copy: mlm_logits needs the masked input codes and segment_ids")
+        return self.mlm_head.copy(h, hidden, positions, codes, segment_ids, logits)
 
     def classify(
         self,
@@ -216,7 +231,7 @@ def mlm_apply(
     """
     model = nnx.merge(graphdef, params, rest)
     hidden = model.encode(*(batch[k] for k in INPUT_KEYS), deterministic=key is None, rngs=key)
-    return model.mlm_logits(hidden, positions)
+    return model.mlm_logits(hidden, positions, batch["codes"], batch["segment_ids"])
 
 
 def classify_apply(

@@ -6,14 +6,63 @@ projection runs on the ~15% selected tokens only. Logits are float32 whatever th
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ehrjax.data.vocab import NUM_SPECIAL
+from ehrjax.models.embeddings import EMBED_STD
 
 
 def gather_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
     """hidden: f[batch, seq, H], positions: int32[batch, M] -> f[batch, M, H]."""
     return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+
+
+class CopyHead(nnx.Module):
+    """Pointer-generator mixture over the masked position's own patient: p = g p_copy + (1 - g) p_vocab.
+
+    p_copy puts attention mass (a query from the target's hidden state, keys from every position) on the
+    clinical codes visible in the same segment (patient), so a code the patient already has can be predicted
+    with no per-code weight: the vocabulary decoder alone learns to copy a code only from examples of that
+    code, which the long tail of rare codes does not provide in a short pre-training. g = sigmoid(gate(h)).
+    """
+
+    def __init__(self, hidden_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.query = nnx.Linear(hidden_dim, hidden_dim, dtype=dtype, rngs=rngs)
+        self.key = nnx.Linear(hidden_dim, hidden_dim, use_bias=False, dtype=dtype, rngs=rngs)
+        self.gate = nnx.Linear(hidden_dim, 1, dtype=dtype, rngs=rngs)
+
+    def copy_distribution(
+        self, h: jax.Array, hidden: jax.Array, positions: jax.Array, codes: jax.Array, segment_ids: jax.Array,
+        vocab_size: int,
+    ) -> jax.Array:  # fmt: skip
+        """h: f[B, M, H] at the targets; hidden: f[B, L, H]; positions: int32[B, M]; codes, segment_ids:
+        int32[B, L] (the masked input) -> f32[B, M, vocab]: rows sum to 1, or to 0 where the target's patient
+        shows no clinical code. Special tokens ([MASK], [UNK], ...) and other patients get no mass."""
+        scores = jnp.einsum("bmh,blh->bml", self.query(h), self.key(hidden), preferred_element_type=jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(h.shape[-1]))
+        own = jnp.take_along_axis(segment_ids, positions, axis=1)
+        visible = (segment_ids[:, None, :] == own[:, :, None]) & (codes >= NUM_SPECIAL)[:, None, :]
+        # A finite fill keeps rows with nothing visible (empty rows, padding slots) free of NaN gradients.
+        weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+        weights = jnp.where(visible, weights, 0.0)
+        return jnp.einsum("bml,blv->bmv", weights, jax.nn.one_hot(codes, vocab_size, dtype=jnp.float32))
+
+    def __call__(
+        self, h: jax.Array, hidden: jax.Array, positions: jax.Array, codes: jax.Array, segment_ids: jax.Array,
+        vocab_logits: jax.Array,
+    ) -> jax.Array:  # fmt: skip
+        """Log-probabilities f32[B, M, vocab] of the mixture (normalised: usable as logits)."""
+        p_copy = self.copy_distribution(h, hidden, positions, codes, segment_ids, vocab_logits.shape[-1])
+        has_copy = jnp.sum(p_copy, axis=-1, keepdims=True) > 0
+        gate = self.gate(h).astype(jnp.float32)
+        log_g = jnp.where(has_copy, jax.nn.log_sigmoid(gate), -jnp.inf)
+        log_1mg = jnp.where(has_copy, jax.nn.log_sigmoid(-gate), 0.0)
+        # The tiny floor keeps log finite for codes without copy mass (their gradient through it is ~0).
+        return jnp.logaddexp(log_g + jnp.log(p_copy + 1e-30), log_1mg + jax.nn.log_softmax(vocab_logits, axis=-1))
 
 
 class MlmHead(nnx.Module):
@@ -22,13 +71,25 @@ class MlmHead(nnx.Module):
     Untied (default): `dense` hidden -> hidden, `decoder` hidden -> vocab, a head of its own, so freezing the
     code table leaves the decoder trainable. Tied (`model.tie_mlm`): `dense` maps hidden -> embed_dim and
     the logits are `h @ code_table.T + bias`; the decoder weight is then the `embeddings` partition's code
-    table (frozen with it) and only `bias` belongs to the head.
+    table (frozen with it) and only `bias` belongs to the head. With `copy` (`model.mlm_copy`) a `CopyHead`
+    mixes a pointer to the patient's own visible codes into the prediction (`Behrt.mlm_logits` applies it).
     """
 
     def __init__(
-        self, hidden_dim: int, embed_dim: int, vocab_size: int, *, tied: bool, dtype: jnp.dtype, rngs: nnx.Rngs
+        self,
+        hidden_dim: int,
+        embed_dim: int,
+        vocab_size: int,
+        *,
+        tied: bool,
+        copy: bool = False,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
     ):
         self.tied = tied
+        # Tied logits h . e_c start at std ~ EMBED_STD * sqrt(embed_dim) (0.16 for 64) since h is LayerNormed
+        # and the table is drawn at EMBED_STD; rescaled to unit std like the untied decoder's.
+        self.logit_scale = 1.0 / (EMBED_STD * math.sqrt(embed_dim)) if tied else 1.0
         width = embed_dim if tied else hidden_dim
         self.dense = nnx.Linear(hidden_dim, width, dtype=dtype, rngs=rngs)
         self.norm = nnx.LayerNorm(width, dtype=dtype, rngs=rngs)
@@ -38,6 +99,7 @@ class MlmHead(nnx.Module):
         else:
             self.decoder = nnx.Linear(hidden_dim, vocab_size, dtype=dtype, rngs=rngs)
             self.bias = nnx.data(None)
+        self.copy = CopyHead(hidden_dim, dtype=dtype, rngs=rngs) if copy else nnx.data(None)
 
     def __call__(self, h: jax.Array, code_embed: nnx.Embed | None = None) -> jax.Array:
         h = self.norm(jax.nn.gelu(self.dense(h), approximate=False))
@@ -46,7 +108,7 @@ class MlmHead(nnx.Module):
         if code_embed is None:
             raise ValueError("a tied MLM head needs the code embedding table")
         table = code_embed.embedding[...].astype(h.dtype)
-        return (h @ table.T).astype(jnp.float32) + self.bias[...]
+        return (h @ table.T).astype(jnp.float32) * self.logit_scale + self.bias[...]
 
 
 class ClassifierHead(nnx.Module):

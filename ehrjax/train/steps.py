@@ -72,7 +72,8 @@ def _mlm_outputs(model: nnx.Module, batch: dict, key: jax.Array, cfg: StepConfig
     targets = mlm_targets(key, batch, cfg)
     inputs = dict(batch, codes=targets["masked_codes"])
     hidden = model.encode(*(inputs[k] for k in INPUT_KEYS), deterministic=train_key is None, rngs=train_key)
-    logits = model.mlm_logits(hidden, targets["positions"])
+    # The copy head (model.mlm_copy) reads the masked input, never the targets.
+    logits = model.mlm_logits(hidden, targets["positions"], targets["masked_codes"], batch["segment_ids"])
     labels, weights = targets["labels"], targets["weights"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     # The label's rank = how many logits beat it: top-1/top-10 without a sort over the vocabulary (a full

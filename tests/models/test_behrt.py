@@ -260,3 +260,66 @@ def test_pallas_row_lengths():
     q, k, v, seg = _segment_case(0, seq=24)
     with pytest.raises(ValueError, match=r"model\.attention_impl='pallas' needs rows .* got 24"):
         segment_attention(q, k, v, seg, implementation="pallas", interpret=True)
+
+
+def _copy_model(tiny_cfg, vocab_size: int = 40) -> Behrt:
+    tiny_cfg.mlm_copy = True
+    return Behrt(tiny_cfg, vocab_size, rngs=nnx.Rngs(11))
+
+
+# Row 0: patient 1 = [CLS] 10 11 [SEP] [MASK] 10 [SEP], patient 2 = [CLS] 20 [UNK] [MASK] [SEP], padding.
+# Row 1: empty (padding only), as in the last, filled-up batch of an epoch.
+COPY_CODES = jnp.array([[1, 10, 11, 2, 3, 10, 2, 1, 20, 4, 3, 2, 0, 0], [0] * 14])
+COPY_SEGMENTS = jnp.array([[1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0], [0] * 14])
+COPY_POSITIONS = jnp.array([[4, 10, 13], [0, 0, 0]])
+
+
+def test_copy_head_points_at_the_patients_own_visible_codes(tiny_cfg):
+    model = _copy_model(tiny_cfg)
+    copy = model.mlm_head.copy
+    copy.query.kernel[...] = jnp.zeros_like(copy.query.kernel[...])  # equal scores: uniform over visible codes
+    copy.query.bias[...] = jnp.zeros_like(copy.query.bias[...])
+    zeros = jnp.zeros_like(COPY_CODES)
+    hidden = model.encode(COPY_CODES, zeros + 600, zeros, COPY_SEGMENTS)
+    h = jnp.take_along_axis(hidden, COPY_POSITIONS[..., None], axis=1)
+    p = np.asarray(copy.copy_distribution(h, hidden, COPY_POSITIONS, COPY_CODES, COPY_SEGMENTS, 40))
+    expected = np.zeros((2, 3, 40), np.float32)
+    expected[0, 0, 10], expected[0, 0, 11] = 2 / 3, 1 / 3  # code 10 twice, 11 once; specials get nothing
+    expected[0, 1, 20] = 1.0  # the other patient of the row: its only clinical code ([UNK] is not copied)
+    np.testing.assert_allclose(p, expected, atol=1e-6)  # padding slot and empty row: no copy mass
+
+
+def test_copy_mixture_is_normalised_with_finite_gradients_on_empty_rows(tiny_cfg):
+    import optax
+
+    model = _copy_model(tiny_cfg)
+    graphdef, params = nnx.split(model, nnx.Param)
+    zeros = jnp.zeros_like(COPY_CODES)
+    labels = jnp.array([[10, 20, 0], [0, 0, 0]])
+
+    def loss(params):
+        m = nnx.merge(graphdef, params)
+        hidden = m.encode(COPY_CODES, zeros + 600, zeros, COPY_SEGMENTS)
+        logits = m.mlm_logits(hidden, COPY_POSITIONS, COPY_CODES, COPY_SEGMENTS)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum(), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    np.testing.assert_allclose(jax.scipy.special.logsumexp(logits, axis=-1), 0.0, atol=1e-5)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(grads["mlm_head"]["copy"]["key"]["kernel"][...]).sum()) > 0
+    with pytest.raises(ValueError, match="mlm_copy"):
+        model.mlm_logits(jnp.zeros((2, 14, tiny_cfg.hidden_dim)), COPY_POSITIONS)
+
+
+def test_tied_mlm_logits_start_at_unit_scale():
+    """Without the rescale a tied head's logits start at std EMBED_STD * sqrt(embed_dim) (0.16 for `small`)
+    and it stays at the unigram for a whole epoch of configs/cpu.py."""
+    from ehrjax.config import model_config
+
+    for tied in (False, True):
+        cfg = model_config("small")
+        cfg.tie_mlm = tied
+        model = Behrt(cfg, 1000, rngs=nnx.Rngs(3))
+        h = jax.random.normal(jax.random.key(0), (4, 32, cfg.hidden_dim))
+        std = float(model.mlm_head(h, model.embeddings.code).std())
+        assert 0.5 < std < 2.0, (tied, std)
