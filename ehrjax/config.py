@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # 'synthetic' (seeded generator) | 'meds' (a MEDS 0.4 dataset, ehrjax.data.meds)
     c.data.meds_dir = ""  # meds: the dataset folder (data/, metadata/); mlm reads every subject
+    c.data.meds_pretrain_dir = ""  # meds: a separate dataset for MLM pre-training ('' -> meds_dir)
     c.data.meds_labels = ""  # meds: folder of label parquet files (subject_id, prediction_time, boolean_value)
     c.data.meds_visit_hours = 0.0  # meds: events <= this many hours apart form one visit (0: same timestamp)
     c.data.num_noise_codes = 1000

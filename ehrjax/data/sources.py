@@ -2,7 +2,7 @@
 
 `data.source = "synthetic"`: `mlm` takes the `pretrain` stream, `outcome` and `next_visit` the `finetune`
 stream, sized and seeded by `pretrain` / `finetune`. `data.source = "meds"`: `mlm` reads every subject of
-`data.meds_dir` (splits from its `subject_splits.parquet`); `outcome` reads the subjects of the label
+`data.meds_pretrain_dir` if set, else `data.meds_dir` (splits from its `subject_splits.parquet`); `outcome` reads the subjects of the label
 folder `data.meds_labels`, each history cut strictly before its prediction time (`ehrjax.data.meds`).
 MEDS label files carry no next-visit codes, so `next_visit` needs the synthetic source.
 """
@@ -44,7 +44,7 @@ def task_cohort(config: Any, task: str) -> Cohort:
 
     visit_hours = float(config.data.get("meds_visit_hours", 0.0))
     if task == "mlm":
-        return read_meds(config.data.meds_dir, visit_hours=visit_hours)
+        return read_meds(config.data.get("meds_pretrain_dir") or config.data.meds_dir, visit_hours=visit_hours)
     if task == "next_visit":
         raise ValueError("task 'next_visit' needs next-visit labels, which MEDS label files do not carry; use "
                          "data.source='synthetic'")  # fmt: skip
