@@ -2,8 +2,9 @@
 
 `data.source = "synthetic"`: `mlm` takes the `pretrain` stream, `outcome` and `next_visit` the `finetune`
 stream, sized and seeded by `pretrain` / `finetune`. `data.source = "meds"`: `mlm` reads every subject of
-`data.meds_pretrain_dir` if set, else `data.meds_dir` (splits from its `subject_splits.parquet`); `outcome` reads the subjects of the label
-folder `data.meds_labels`, each history cut strictly before its prediction time (`ehrjax.data.meds`).
+`data.meds_pretrain_dir` if set, else `data.meds_dir` (splits from its `subject_splits.parquet`); `outcome`
+reads the subjects of the label folder `data.meds_labels` in `data.meds_dir`, each history cut strictly before
+its prediction time (`ehrjax.data.meds`).
 MEDS label files carry no next-visit codes, so `next_visit` needs the synthetic source.
 """
 
