@@ -35,12 +35,12 @@ import numpy as np
 from scipy.optimize import brentq
 
 from ehrjax.atomic import write_text
-from ehrjax.data.batching import DeviceBatcher, batch_at
+from ehrjax.data.batching import DeviceBatcher
 from ehrjax.data.cohort import ragged_index
 from ehrjax.data.tasks import TaskData
 from ehrjax.data.tokenize import TokenizedCorpus
 from ehrjax.data.vocab import NUM_SPECIAL
-from ehrjax.train.steps import StepConfig, eval_mask_key, mlm_targets
+from ehrjax.train.steps import StepConfig, make_mlm_targets_step
 
 BASELINES: tuple[str, ...] = ("unigram", "copy")
 SUM_KEYS: tuple[str, ...] = ("loss_sum", "correct", "correct_top10", "weight")
@@ -260,15 +260,8 @@ def mlm_baselines(
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _masked_batch(
-    group: Any, j: jax.Array, k: jax.Array, vocab_size: int, mask_prob: float, slot_factor: float
-) -> dict[str, jax.Array]:
-    batch = batch_at(group, j)
-    cfg = StepConfig(task="mlm", vocab_size=vocab_size, mask_prob=mask_prob, mlm_slot_factor=slot_factor)
-    targets = mlm_targets(eval_mask_key(k), batch, cfg)
-    return {"masked_codes": targets["masked_codes"], "segment_ids": batch["segment_ids"],
-            "positions": targets["positions"], "labels": targets["labels"], "weights": targets["weights"]}  # fmt: skip
+# One compiled targets program per (settings, row length), shared by the validation and test passes.
+_targets_step = functools.lru_cache(make_mlm_targets_step)
 
 
 def eval_mlm_batches(
@@ -277,10 +270,13 @@ def eval_mlm_batches(
     """The masked batches the MLM evaluation scores, in its order: the fixed plan `plan_epoch(0,
     shuffle=False)`, its `k`-th batch masked with `eval_mask_key(k)` and the step's `mlm_targets` settings
     (`ehrjax.train.steps`). Yields dicts of `BATCH_KEYS` arrays."""
+    cfg = StepConfig(task="mlm", vocab_size=vocab_size, mask_prob=mask_prob, mlm_slot_factor=slot_factor)
     plan = batcher.plan_epoch(0, shuffle=False)
     for k in range(plan.num_batches):
         g, j = (int(x) for x in plan.order[k])
-        yield _masked_batch(plan.groups[g], jnp.int32(j), jnp.int32(k), vocab_size, mask_prob, slot_factor)
+        group = plan.groups[g]
+        yield _targets_step(cfg, group.row_len, group.mesh)(group.corpus, group.patient_index[j],
+                                                             group.cls_index[j], jnp.int32(k))  # fmt: skip
 
 
 def run_mlm_baselines(data: TaskData, data_cfg: Any, *, seed: int, max_val_patients: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from ehrjax.eval.baselines import format_table, run_mlm_baselines
 from ehrjax.models.behrt import CODE_TABLE_PATH
 from ehrjax.train.arms import EVERYTHING, Arm, arm_from_config, arm_lora_config
 from ehrjax.train.checkpoint import RunCheckpoints, check_writable, config_mismatch
-from ehrjax.train.export import export_adapters, export_code_table, export_model
+from ehrjax.train.export import export_adapters, export_code_table, export_model, flat_arrays
 from ehrjax.train.fit import DEFAULT_METRIC, FitResult, TrainingDiverged, evaluate, fit
 from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
 from ehrjax.train.rundir import RunLog, is_writer, predictions_arrays, write_json, write_npz
@@ -139,14 +139,7 @@ def _code_table(path: str, data: TaskData, config: ml_collections.ConfigDict) ->
 
 def pretrained_table(run: PretrainedRun) -> np.ndarray:
     """The code table of a pre-trained run's parameters, f32[len(vocab), embed_dim]."""
-    flat = dict(nnx_flat(run.params))
-    return np.asarray(flat[CODE_TABLE_PATH])
-
-
-def nnx_flat(params: Any) -> list[tuple[tuple[str, ...], Any]]:
-    from flax import nnx
-
-    return [(tuple(map(str, path)), var.get_value()) for path, var in nnx.to_flat_state(params)]
+    return flat_arrays(run.params)["/".join(CODE_TABLE_PATH)]
 
 
 def build_run_trainer(

@@ -184,10 +184,6 @@ class Trainer:
             lambda: make_mlm_targets_step(self.step_cfg, row_len, self.mesh),
         )  # fmt: skip
 
-    def batcher(self, patients: np.ndarray) -> DeviceBatcher:
-        """A fixed-order batcher over corpus rows `patients`, sharing the device corpus."""
-        return _batcher(self.data_cfg, self.data, patients, self.seeds[0], self.mesh, self.corpus)
-
 
 def _batcher(
     data_cfg: Any, data: TaskData, patients: np.ndarray, seed: int, mesh: Mesh | None, corpus: DeviceCorpus
