@@ -23,6 +23,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 TOKEN_FIELDS: tuple[str, ...] = ("codes", "visit", "age", "time")
 PATIENT_FIELDS: tuple[str, ...] = ("patient_id", "sex", "birth_year", "split")
 _FORMAT = "ehrjax.cohort.v1"
+_COUNT_CHUNK = 1 << 22  # codes per np.bincount call in Cohort.code_counts
 
 
 def ragged_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,8 +156,14 @@ class Cohort:
         return out
 
     def code_counts(self) -> np.ndarray:
-        """int64[n_codes] occurrences of each catalogue code."""
-        return np.bincount(self.codes, minlength=len(self.code_names))
+        """int64[n_codes] occurrences of each catalogue code.
+
+        Counted in chunks: `np.bincount` converts its input to int64, and one conversion of a 1e6-patient
+        cohort's codes is a fresh 270 MB buffer whose page faults cost more than the count itself."""
+        counts = np.zeros(len(self.code_names), dtype=np.int64)
+        for start in range(0, len(self.codes), _COUNT_CHUNK):
+            counts += np.bincount(self.codes[start : start + _COUNT_CHUNK], minlength=len(counts))
+        return counts
 
     def split_mask(self, split: str) -> np.ndarray:
         if split not in SPLITS:

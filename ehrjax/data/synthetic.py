@@ -162,7 +162,7 @@ class _Tables:
     routine: np.ndarray  # int64[n_routine]
     routine_p: np.ndarray
     noise_start: int
-    noise_cdf: np.ndarray  # float64[num_noise_codes]
+    noise_cdf: CdfSampler  # the Zipf law of the background codes
     num_codes: int
     is_diagnosis: np.ndarray  # bool[n_codes]: ICD10 codes, the next-visit label space
 
@@ -189,7 +189,7 @@ def _tables(num_noise_codes: int) -> _Tables:
         routine=np.array([index[c] for c, _ in ROUTINE]),
         routine_p=np.array([p for _, p in ROUTINE]),
         noise_start=noise_start,
-        noise_cdf=np.cumsum(weights) / weights.sum(),
+        noise_cdf=CdfSampler(np.cumsum(weights) / weights.sum()),
         num_codes=len(names),
         is_diagnosis=np.char.startswith(names, "ICD10:"),
     )
@@ -213,8 +213,37 @@ def assign_splits(patient_id: np.ndarray, seed: int) -> np.ndarray:
     return np.searchsorted(edges, u, side="right").astype(np.int8)
 
 
-def _zipf(rng: np.random.Generator, cdf: np.ndarray, size: int) -> np.ndarray:
-    return np.minimum(np.searchsorted(cdf, rng.random(size), side="right"), len(cdf) - 1)
+class CdfSampler:
+    """Inverse-CDF lookup `min(searchsorted(cdf, u, 'right'), len(cdf) - 1)` through a guide table.
+
+    u in [0, 1) falls in bucket b = floor(u * 2**bits) (exact: a power-of-two scale); every cdf entry below
+    the bucket counts, every entry at or above its upper edge does not, and only the few entries inside the
+    bucket (`span`, 1 for the generator's Zipf law at 14 bits) are compared. Equal to `np.searchsorted` for
+    every u, about 4x faster than its binary search over 1,000 entries.
+    """
+
+    def __init__(self, cdf: np.ndarray, bits: int = 14) -> None:
+        self.cdf = np.asarray(cdf, dtype=np.float64)
+        self.scale = float(1 << bits)
+        edges = np.arange((1 << bits) + 1, dtype=np.float64) / self.scale
+        self.first = np.searchsorted(self.cdf, edges[:-1], side="right").astype(np.int32)  # entries <= b / G
+        self.span = int(np.max(np.searchsorted(self.cdf, edges[1:], side="left") - self.first))
+        self.padded = np.concatenate([self.cdf, np.full(self.span, np.inf)])
+
+    def __len__(self) -> int:
+        return len(self.cdf)
+
+    def __call__(self, u: np.ndarray) -> np.ndarray:
+        """u: float64[...] in [0, 1) -> int[...] indices."""
+        base = self.first[(u * self.scale).astype(np.int32)]
+        index = base.astype(np.int64)
+        for j in range(self.span):
+            index += self.padded[base + j] <= u
+        return np.minimum(index, len(self.cdf) - 1)
+
+
+def _zipf(rng: np.random.Generator, sampler: CdfSampler, size: int) -> np.ndarray:
+    return sampler(rng.random(size))
 
 
 @dataclasses.dataclass
@@ -563,12 +592,16 @@ def main(argv: list[str] | None = None) -> int:
         if not out.parent.is_dir():
             raise ValueError(f"--out {out}: folder {out.parent} does not exist")
         cohort = generate_cohort(args.num_patients, args.seed, args.stream, args.num_noise_codes, args.workers)
-        cohort.save(out)
+        # The summary is computed while the file is written (the write is mostly system calls, without the GIL).
+        with ThreadPoolExecutor(1, thread_name_prefix="summary") as pool:
+            summary = pool.submit(cohort.format_summary)
+            cohort.save(out)
+            summary_text = summary.result()
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({args.stream} stream, seed {args.seed}, splits {', '.join(SPLITS)})")
-    print(cohort.format_summary())
+    print(summary_text)
     return 0
 
 

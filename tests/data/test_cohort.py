@@ -103,3 +103,14 @@ def test_summary_counts():
     assert s["patients"] == 4 and s["tokens"] == 16 and s["visits"] == 1 + 1 + 2 + 5
     assert s["splits"] == {"train": 2, "val": 1, "test": 1}
     assert "length histogram" in cohort.format_summary()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 1 << 22])
+def test_code_counts_in_chunks_equal_one_bincount(monkeypatch, chunk):
+    import ehrjax.data.cohort as cohort_module
+
+    monkeypatch.setattr(cohort_module, "_COUNT_CHUNK", chunk)
+    cohort = make_cohort([1, 2, 3, 10, 0, 7])
+    counts = cohort.code_counts()
+    assert counts.dtype == np.int64 and len(counts) == 10
+    np.testing.assert_array_equal(counts, np.bincount(cohort.codes, minlength=10))
