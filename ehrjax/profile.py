@@ -1,7 +1,7 @@
 """Throughput profile of the MLM train step per batching mode and compute dtype.
 
     python -m ehrjax.profile --config configs/cpu.py [--config.key=value ...] [--modes pack,bucket,pad_max]
-        [--dtypes float32,bfloat16] [--steps N] [--warmup N] [--trace DIR] [--out DIR]
+        [--dtypes float32,bfloat16] [--steps N] [--warmup N] [--trace DIR] [--ops N] [--out DIR]
 
 Per (mode, dtype): the trainer is built (task `mlm`), every batch shape of the epoch plan is compiled
 ahead of time (`lower(...).compile()`, timed on its own), then per shape `warmup` untimed and `steps` timed
@@ -45,6 +45,7 @@ from ehrjax.data.batching import MODES
 from ehrjax.data.masking import num_mlm_slots
 from ehrjax.data.vocab import NUM_SPECIAL
 from ehrjax.eval.flops import FlopModel, device_peak, mfu
+from ehrjax.eval.op_profile import format_breakdown, op_breakdown
 from ehrjax.models.behrt import COMPUTE_DTYPES
 
 DTYPES: tuple[str, ...] = tuple(COMPUTE_DTYPES)
@@ -143,6 +144,7 @@ def profile_mode(
     warmup: int = 2,
     trace_dir: str | os.PathLike | None = None,
     trace_steps: int = 3,
+    ops_top: int = 0,
 ) -> dict[str, Any]:
     """Profile the MLM train step of `config` with `data.batching = mode` and `model.dtype = dtype`.
 
@@ -150,6 +152,8 @@ def profile_mode(
     settings, per-shape figures (`shapes`), epoch-weighted step time (`step_s`, `step_min_s`, `step_max_s`),
     `real_tokens_per_s`, `computed_tokens_per_s`, `efficiency`, `patients_per_s`, `num_shapes`,
     `compile_s`, FLOPs per step (model / hardware / XLA), `peak_flops`, `mfu`, `hfu` and `memory`.
+    `ops_top > 0` adds `ops`: where the time of the first shape's step goes (`ehrjax.eval.op_profile`), by
+    kind of op and its `ops_top` slowest instructions, from `trace_steps` traced steps.
     """
     from ehrjax.train.loop import build_run_trainer
 
@@ -190,6 +194,20 @@ def profile_mode(
             for i in range(trace_steps):
                 state, sums = executables[0](state, trainer.corpus, patient[i % count], cls[i % count], keys, active)
             jax.block_until_ready((state, sums))
+
+    ops = None
+    if ops_top > 0:
+        (_, patient, cls), count = plan.groups[0], batcher.group_batches[0]
+        keys, active = trainer.keys(), jnp.ones(trainer.num_seeds, bool)
+        calls = iter(range(10**9))
+
+        def run_step() -> Any:
+            nonlocal state
+            i = next(calls) % count
+            state, sums = executables[0](state, trainer.corpus, patient[i], cls[i], keys, active)
+            return state, sums
+
+        ops = op_breakdown(executables[0], run_step, steps=max(trace_steps, 1), top=ops_top)
 
     num_batches = batcher.num_batches
     epoch_s = sum(s["batches_per_epoch"] * s["step_s"] for s in shapes)
@@ -235,6 +253,7 @@ def profile_mode(
         "mlm_overflow": timed["overflow"],
         "memory": {"compiled_bytes": max(memories) if memories else None,
                    "peak_bytes_in_use": _peak_bytes_in_use(device)},
+        "ops": ops,
     }  # fmt: skip
 
 
@@ -306,6 +325,7 @@ def _define_flags() -> None:
     _FLAGS["warmup"] = flags.DEFINE_integer("warmup", None, "untimed steps per shape (config.profile.warmup).")
     _FLAGS["trace"] = flags.DEFINE_string("trace", None, "write a jax.profiler trace of a few steps per run here.")
     _FLAGS["out"] = flags.DEFINE_string("out", None, "output directory (default results/profile-<config>-<stamp>/).")
+    _FLAGS["ops"] = flags.DEFINE_integer("ops", 0, "also show where the step time goes: op kinds, the N slowest.")
 
 
 def main(argv: list[str]) -> int:
@@ -336,7 +356,7 @@ def main(argv: list[str]) -> int:
             try:
                 results.append(
                     profile_mode(config, mode, dtype, steps, warmup=warmup, trace_dir=_FLAGS["trace"].value,
-                                 trace_steps=settings.trace_steps)
+                                 trace_steps=settings.trace_steps, ops_top=_FLAGS["ops"].value)
                 )  # fmt: skip
             except ValueError as err:
                 print(f"error: {one_line(err)}", file=sys.stderr)
@@ -345,6 +365,11 @@ def main(argv: list[str]) -> int:
             "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
             "load_average": os.getloadavg()}  # fmt: skip
     print(format_table(results))
+    for r in results:
+        if r["ops"]:
+            shape = r["shapes"][0]
+            print(f"\nwhere the time goes: {r['mode']} {r['dtype']}, {shape['rows']} x {shape['row_len']} step")
+            print(format_breakdown(r["ops"]))
     write_outputs(results, out, meta)
     print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
     return 0

@@ -46,7 +46,7 @@ def test_profile_mode_pack():
 
 def test_cli_end_to_end(tmp_path):
     proc = _cli("--steps=3", "--warmup=1", "--modes=pack", "--out=tmp", "--config.profile.peak_matmul_size=512",
-                cwd=tmp_path)  # fmt: skip
+                "--ops=5", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "tmp"
     assert (out / "profile.png").stat().st_size > 0
@@ -55,6 +55,11 @@ def test_cli_end_to_end(tmp_path):
     assert result["mode"] == "pack" and result["dtype"] == "float32" and result["steps"] == 3
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     assert "pack" in proc.stdout and "MFU" in proc.stdout
+    ops = result["ops"]  # --ops: where the step's time goes
+    assert len(ops["top"]) == 5 and ops["op_seconds"] > 0
+    assert sum(ops["categories"].values()) == pytest.approx(ops["op_seconds"])
+    assert ops["categories"]["matmul"] > 0 and ops["categories"]["dropout RNG"] > 0
+    assert "where the time goes" in proc.stdout and "matmul" in proc.stdout
 
 
 @pytest.mark.parametrize(("flag", "needle"), [("--modes=pack,paq", "--modes"), ("--dtypes=float16", "--dtypes")])
