@@ -4,8 +4,9 @@
 
 Both sides train on the same patients: ehrjax's synthetic `pretrain` cohort of `--num-patients` (seed
 `--seed`, 1,000 noise codes), the vocabulary of its train split, the BEHRT layout truncated at `--max-len`,
-the train split only (checked: identical token arrays). Model: the `--preset` architecture, float32,
-dropout 0.1 on both sides.
+the train split only (checked: identical token arrays). Model: the `--preset` architecture, float32, the CPU
+default's dropout on both sides (`--dropout`, `--attention-dropout`; hidden 0.1, attention 0) and no copy head
+(torch has none).
 
 - ehrjax (`ehrjax.profile.profile_mode`): `pack` (rows of `max_len` tokens, `--rows-per-batch` rows, 16
   patients per row at most), `pack_buckets` (packed rows of 32, 64, ... up to `max_len` tokens,
@@ -18,6 +19,7 @@ dropout 0.1 on both sides.
   variant both ways, rows named `variant/all` and `variant/masked`). Collate + mask + forward + backward +
   AdamW; real tokens summed over the timed steps / their wall time.
 
+The headline line compares ehrjax's fastest mode with the fastest torch row of the run (target >= 1.5x).
 Steps per step differ (ehrjax packs ~8k token slots, torch 32 patients), so the comparison is in real
 (non-padding) tokens per second, which normalises for it. Targets: pack / torch pad_max >= 10x, pack /
 torch pad_longest >= 2x, pad_max / torch pad_max >= 1x; pack / torch sorted is reported (the real test).
@@ -40,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ehrjax.config import base_config, model_config
+from ehrjax.config import base_config, cpu_config, model_config
 from ehrjax.data.batching import MODES
 from ehrjax.data.tasks import build_task_data
 from ehrjax.profile import parse_list, profile_mode
@@ -88,6 +90,7 @@ def ehrjax_config(args: argparse.Namespace) -> Any:
     c.data.tokens_per_batch = args.tokens_per_batch
     c.data.bucket_min_len = 8
     c.model = model_config(args.preset)
+    c.model.dropout, c.model.attention_dropout = args.dropout, args.attention_dropout
     return c
 
 
@@ -121,6 +124,17 @@ def ratios(ehrjax_rows: dict[str, dict], torch_rows: dict[str, dict]) -> list[di
     return out
 
 
+BEST_TARGET = 1.5  # ehrjax's fastest mode against the fastest torch row
+
+
+def best_ratio(ehrjax_rows: dict[str, dict], torch_rows: dict[str, dict]) -> dict[str, Any]:
+    """ehrjax's fastest mode against the fastest torch row (real tokens/s), with the target."""
+    mode = max(ehrjax_rows, key=lambda k: ehrjax_rows[k]["real_tokens_per_s"])
+    row = max(torch_rows, key=lambda k: torch_rows[k]["real_tokens_per_s"])
+    ratio = ehrjax_rows[mode]["real_tokens_per_s"] / torch_rows[row]["real_tokens_per_s"]
+    return {"ehrjax": mode, "torch": row, "ratio": ratio, "target": BEST_TARGET, "met": ratio >= BEST_TARGET}
+
+
 def format_report(ehrjax_rows: dict[str, dict], torch_rows: dict[str, dict], pairs: list[dict[str, Any]]) -> str:
     lines = [
         "| framework | batching | real tok/s | computed tok/s | padding eff. | step ms | patients/s "
@@ -143,6 +157,10 @@ def format_report(ehrjax_rows: dict[str, dict], torch_rows: dict[str, dict], pai
     for p in pairs:
         target = "reported" if p["target"] is None else f">= {p['target']:g}x: {'met' if p['met'] else 'MISSED'}"
         lines.append(f"| {p['ehrjax']} | {p['torch']} | {p['ratio']:.2f}x | {target} |")
+    if ehrjax_rows and torch_rows:
+        b = best_ratio(ehrjax_rows, torch_rows)
+        lines += ["", f"fastest ehrjax ({b['ehrjax']}) / fastest torch ({b['torch']}): {b['ratio']:.2f}x "
+                      f"(target >= {b['target']:g}x: {'met' if b['met'] else 'MISSED'})"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -165,11 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="0: all cores; 1: torch 1 thread and XLA single-threaded"
     )
+    default_model = cpu_config().model
+    parser.add_argument("--dropout", type=float, default=default_model.dropout, help="hidden dropout, both sides")
+    parser.add_argument(
+        "--attention-dropout", type=float, default=default_model.attention_dropout, help="attention dropout, both"
+    )
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.threads == 1:  # read when the backend starts, which has not happened yet
         os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
         )
     elif args.threads:
         parser.error("--threads: 0 (all cores) or 1")
@@ -211,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             r = tb.run_baseline(
                 name, preset=args.preset, max_len=args.max_len, batch_size=args.batch_size,
                 num_patients=args.num_patients, steps=torch_steps.get(name, 20), warmup=args.torch_warmup,
-                seed=args.seed, mlm_logits=head, threads=args.threads or None, data=data,
+                seed=args.seed, mlm_logits=head, threads=args.threads or None, data=data, dropout=args.dropout,
+                attention_dropout=args.attention_dropout,
             )  # fmt: skip
             name = name if len(heads) == 1 else f"{name}/{head}"
             torch_rows[name] = r
@@ -223,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     pairs = ratios(ehrjax_rows, torch_rows)
     print(
-        f"\npreset {args.preset}, max_len {args.max_len}, torch MLM logits '{args.mlm_logits}', "
+        f"\npreset {args.preset}, max_len {args.max_len}, dropout {args.dropout} / attention {args.attention_dropout}, "
+        f"torch MLM logits '{args.mlm_logits}', "
         f"torch {tb.torch.__version__} ({next(iter(torch_rows.values()))['threads']} threads); load {load0:.2f} -> "
         f"{os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s\n"
     )
     print(format_report(ehrjax_rows, torch_rows, pairs))
     if args.out:
-        out = {"args": vars(args), "ehrjax": ehrjax_rows, "torch": torch_rows, "ratios": pairs}
+        out = {"args": vars(args), "ehrjax": ehrjax_rows, "torch": torch_rows, "ratios": pairs,
+               "best": best_ratio(ehrjax_rows, torch_rows) if ehrjax_rows and torch_rows else None}  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2, default=float))
     return 0

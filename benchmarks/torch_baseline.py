@@ -247,6 +247,8 @@ class TorchBehrt(nn.Module):
             norm=nn.LayerNorm(hidden, eps=LAYER_NORM_EPS),
             enable_nested_tensor=False,  # the nested-tensor fast path is inference-only and refuses norm_first
         )
+        for block in self.encoder.layers:  # the stock layer uses `dropout` for attention too; ehrjax separates them
+            block.self_attn.dropout = cfg.attention_dropout
         self.mlm_head = TorchMlmHead(hidden, vocab_size)
 
     def encode(
@@ -311,6 +313,7 @@ def run_baseline(
     lr: float = 1e-4,
     weight_decay: float = 0.01,
     dropout: float | None = None,
+    attention_dropout: float | None = None,
     threads: int | None = None,
     data: BaselineData | None = None,
 ) -> dict[str, Any]:
@@ -342,6 +345,8 @@ def run_baseline(
     cfg = model_config(preset)
     if dropout is not None:
         cfg.dropout = cfg.attention_dropout = dropout
+    if attention_dropout is not None:
+        cfg.attention_dropout = attention_dropout
     model = TorchBehrt(cfg, data.vocab_size, mlm_logits=mlm_logits)
     model.train()
     optimizer = make_optimizer(model, lr, weight_decay)
