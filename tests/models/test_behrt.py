@@ -323,3 +323,32 @@ def test_tied_mlm_logits_start_at_unit_scale():
         h = jax.random.normal(jax.random.key(0), (4, 32, cfg.hidden_dim))
         std = float(model.mlm_head(h, model.embeddings.code).std())
         assert 0.5 < std < 2.0, (tied, std)
+
+
+def test_copy_distribution_equals_the_one_hot_product_with_its_gradient(tiny_cfg):
+    """The scatter-add equals sum_l weight[b, m, l] * one_hot(code[b, l]), values and gradient."""
+    from ehrjax.data.vocab import NUM_SPECIAL
+
+    model = _copy_model(tiny_cfg)
+    copy = model.mlm_head.copy
+    zeros = jnp.zeros_like(COPY_CODES)
+    hidden = model.encode(COPY_CODES, zeros + 600, zeros, COPY_SEGMENTS)
+    vocab = 40
+
+    def reference(hidden):
+        h = jnp.take_along_axis(hidden, COPY_POSITIONS[..., None], axis=1)
+        scores = jnp.einsum("bmh,blh->bml", copy.query(h), copy.key(hidden)) / jnp.sqrt(jnp.float32(h.shape[-1]))
+        own = jnp.take_along_axis(COPY_SEGMENTS, COPY_POSITIONS, axis=1)
+        visible = (COPY_SEGMENTS[:, None, :] == own[:, :, None]) & (COPY_CODES >= NUM_SPECIAL)[:, None, :]
+        weights = jnp.where(visible, jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1), 0.0)
+        return jnp.einsum("bml,blv->bmv", weights, jax.nn.one_hot(COPY_CODES, vocab))
+
+    def ours(hidden):
+        h = jnp.take_along_axis(hidden, COPY_POSITIONS[..., None], axis=1)
+        return copy.copy_distribution(h, hidden, COPY_POSITIONS, COPY_CODES, COPY_SEGMENTS, vocab)
+
+    probe = jax.random.normal(jax.random.key(1), (2, 3, vocab))
+    np.testing.assert_allclose(ours(hidden), reference(hidden), atol=1e-6)
+    grad_ours = jax.grad(lambda x: jnp.sum(ours(x) * probe))(hidden)
+    grad_ref = jax.grad(lambda x: jnp.sum(reference(x) * probe))(hidden)
+    np.testing.assert_allclose(grad_ours, grad_ref, atol=1e-5)
