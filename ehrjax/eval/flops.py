@@ -12,6 +12,8 @@ Y = num_layers, F = mlp_dim, V = vocabulary size, the forward FLOPs are
   skipped), a patient of length l needs only l^2;
 - MLM head:   2 (H W + W V) per gathered MLM slot, W = H untied (dense H -> H, decoder H -> V) or E tied
   (dense H -> E, logits against the E-wide code table). Only the M gathered slots per row are projected.
+- copy head (`model.mlm_copy`): a key projection 2 H^2 per token, a query 2 H^2 and a gate 2 H per slot, and
+  2 H per (slot, position) pair for the pointer scores; its scatter onto the vocabulary is no matmul.
 
 Two counts per step:
 
@@ -64,6 +66,7 @@ class FlopModel:
     mlp_dim: int
     vocab_size: int
     tied: bool = False
+    copy: bool = False  # the MLM copy head (`model.mlm_copy`)
 
     @classmethod
     def from_config(cls, model_cfg: Any, vocab_size: int) -> FlopModel:
@@ -75,6 +78,7 @@ class FlopModel:
             mlp_dim=model_cfg.mlp_dim,
             vocab_size=vocab_size,
             tied=bool(model_cfg.get("tie_mlm", False)),
+            copy=bool(model_cfg.get("mlm_copy", False)),
         )
 
     @property
@@ -95,21 +99,42 @@ class FlopModel:
         w = self.embed_dim if self.tied else self.hidden_dim
         return 2 * (self.hidden_dim * w + w * self.vocab_size)
 
-    def train_flops(self, tokens: int, attention_pairs: int, head_slots: int) -> int:
-        """3 x forward: 2 P per token, 4 H Y per attention pair, the head per projected slot."""
-        forward = 2 * self.matmul_params_per_token * tokens
-        forward += self.attention_per_pair * attention_pairs + self.head_per_slot * head_slots
+    @property
+    def copy_per_token(self) -> int:
+        """Forward FLOPs of the copy head per token: its key projection 2 H^2 (0 without the head)."""
+        return 2 * self.hidden_dim**2 if self.copy else 0
+
+    @property
+    def copy_per_slot(self) -> int:
+        """Forward FLOPs of the copy head per projected slot: query 2 H^2 and gate 2 H."""
+        return 2 * self.hidden_dim**2 + 2 * self.hidden_dim if self.copy else 0
+
+    @property
+    def copy_per_pair(self) -> int:
+        """Forward FLOPs of the copy head per (slot, position) pair: the pointer score 2 H."""
+        return 2 * self.hidden_dim if self.copy else 0
+
+    def train_flops(self, tokens: float, attention_pairs: float, head_slots: float, copy_pairs: float = 0) -> float:
+        """3 x forward: 2 P per token, 4 H Y per attention pair, the head per projected slot, and the copy
+        head's terms (per token, per slot, per (slot, position) pair) when it is on."""
+        forward = (2 * self.matmul_params_per_token + self.copy_per_token) * tokens
+        forward += self.attention_per_pair * attention_pairs + (self.head_per_slot + self.copy_per_slot) * head_slots
+        forward += self.copy_per_pair * copy_pairs
         return 3 * forward
 
     def hardware_flops(self, rows: int, row_len: int, mlm_slots: int) -> int:
-        """Training FLOPs computed by one step of `rows` x `row_len` with `mlm_slots` MLM slots per row."""
-        return self.train_flops(rows * row_len, rows * row_len * row_len, rows * mlm_slots)
+        """Training FLOPs computed by one step of `rows` x `row_len` with `mlm_slots` MLM slots per row (the copy
+        head scores every slot against every position of its row)."""
+        tokens = rows * row_len
+        return int(self.train_flops(tokens, tokens * row_len, rows * mlm_slots, rows * mlm_slots * row_len))
 
     def model_flops(self, real_tokens: int, sum_sq_lengths: int, mlm_targets: float) -> float:
         """Useful training FLOPs: `real_tokens` = sum l, `sum_sq_lengths` = sum l^2 over the patients, and
-        `mlm_targets` real masked positions (may be an expectation, hence float)."""
-        forward = 2 * self.matmul_params_per_token * real_tokens + self.attention_per_pair * sum_sq_lengths
-        return 3 * (forward + self.head_per_slot * mlm_targets)
+        `mlm_targets` real masked positions (may be an expectation, hence float). The copy head needs each target
+        scored against its own patient's l positions; targets fall on patients in proportion to l, so that is
+        mlm_targets x sum l^2 / sum l pairs."""
+        copy_pairs = mlm_targets * sum_sq_lengths / real_tokens if self.copy and real_tokens else 0.0
+        return self.train_flops(real_tokens, sum_sq_lengths, mlm_targets, copy_pairs)
 
 
 def jaxpr_matmul_flops(jaxpr: Any) -> int:

@@ -47,12 +47,23 @@ def test_from_config_and_mfu():
     assert mfu(1e12, 0.5, 4e12) == pytest.approx(0.5)
 
 
-def test_flop_model_matches_the_train_step_jaxpr():
+def test_hand_computed_copy_head_flops():
+    # H = 32: key 2 H^2 = 2,048 per token; query + gate 2 H^2 + 2 H = 2,112 per slot; scores 2 H = 64 per pair.
+    copy = FlopModel(16, 32, 2, 64, 100, copy=True)
+    # 2 rows x 8 tokens, 2 slots per row: + 2,048 x 16 + 2,112 x 4 + 64 x (4 slots x 8 positions), x 3
+    assert copy.hardware_flops(2, 8, 2) == 1_821_696 + 3 * (32_768 + 8_448 + 2_048)
+    # patients of 5 and 3 tokens, 2 targets: copy pairs = 2 x 34 / 8 = 8.5
+    assert copy.model_flops(8, 34, 2) == pytest.approx(887_808 + 3 * (2_048 * 8 + 2_112 * 2 + 64 * 8.5))
+
+
+@pytest.mark.parametrize("mlm_copy", [False, True])
+def test_flop_model_matches_the_train_step_jaxpr(mlm_copy):
     """Every dot_general of the jitted MLM train step (forward, backward, head) is accounted for exactly."""
     from ehrjax.train.loop import build_run_trainer
 
     config = load_config_file(ROOT / "configs" / "smoke.py")
     config.task = "mlm"
+    config.model.mlm_copy = mlm_copy
     config.pretrain.num_patients = 300
     trainer = build_run_trainer(config)[0]
     row_len, patient, cls = trainer.stacked_plan(0).batch(0)
