@@ -10,8 +10,10 @@ are instructions of that executable, and adds them up per instruction and per ki
 - `layout copies`: copies and transposes (head splits and merges, operand layouts for the dots);
 - `gather / scatter`, `collectives`, and `element-wise` for the rest.
 
-The per-op times are thread time: on a multi-threaded CPU runtime they may add up to more than the wall time
-of a step (ops running side by side), or less (threads idle, the host waiting). Both are reported.
+An op's time is its duration on the thread that ran it. A library call that splits one op over a thread pool
+(the XNNPACK / YNNPACK dots) is traced once, on the calling thread, so the times read as wall time per op and
+as shares of the step, not as CPU time; ops running side by side would add up to more than the step's wall
+time, idle gaps to less. Both sums are reported.
 """
 
 from __future__ import annotations
