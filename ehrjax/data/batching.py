@@ -473,6 +473,14 @@ def _bucket_batches(counts: np.ndarray, rows: list[int]) -> list[int]:
     return out
 
 
+def _check_pack_rows(row_len: int, max_len: int, slots_per_row: int) -> None:
+    """Packed rows must hold the longest (truncated) patient and at least one patient slot."""
+    if row_len < max_len:
+        raise ValueError(f"data.row_len ({row_len}) must be >= data.max_len ({max_len}): a truncated patient must fit")
+    if slots_per_row < 1:
+        raise ValueError(f"data.slots_per_row must be >= 1, got {slots_per_row}")
+
+
 class DeviceBatcher:
     """Plans epochs over a subset of a tokenised corpus and gathers their batches on the device.
 
@@ -520,12 +528,7 @@ class DeviceBatcher:
         self.num_real_tokens = int(self.lengths.sum())
 
         if mode == "pack":
-            if row_len < max_len:
-                raise ValueError(
-                    f"data.row_len ({row_len}) must be >= data.max_len ({max_len}): a truncated patient must fit"
-                )
-            if slots_per_row < 1:
-                raise ValueError(f"data.slots_per_row must be >= 1, got {slots_per_row}")
+            _check_pack_rows(row_len, max_len, slots_per_row)
             if rows_per_batch < 1:
                 raise ValueError(f"data.rows_per_batch must be >= 1, got {rows_per_batch}")
             sorted_lengths = np.sort(self.lengths, kind="stable")[::-1]
@@ -550,12 +553,7 @@ class DeviceBatcher:
             self.group_batches = [self._bucket_batches[b] for b in self._bucket_ids]
             self.slots = 1
         elif mode == "pack_buckets":
-            if row_len < max_len:
-                raise ValueError(
-                    f"data.row_len ({row_len}) must be >= data.max_len ({max_len}): a truncated patient must fit"
-                )
-            if slots_per_row < 1:
-                raise ValueError(f"data.slots_per_row must be >= 1, got {slots_per_row}")
+            _check_pack_rows(row_len, max_len, slots_per_row)
             self.row_lengths = pack_row_lengths(row_len, pack_min_len)
             multiple = math.lcm(*self.row_lengths)
             if tokens_per_batch < 1 or tokens_per_batch % multiple:
