@@ -21,7 +21,6 @@ import functools
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -217,16 +216,5 @@ def load_pretrained_run(run_dir: str | os.PathLike) -> tuple[ml_collections.Conf
     `vocab.json` and the `best` checkpoint (`latest` if it has no best)."""
     from ehrjax.train.pretrained import load_pretrained_run as load_run
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ValueError(f"init_from {run}: not a directory")
-    for name in ("config.json", "vocab.json"):
-        if not (run / name).is_file():
-            raise ValueError(f"init_from {run}: no {name}; not an ehrjax pre-training run directory")
-    saved = json.loads((run / "config.json").read_text())
-    if saved.get("task") != "mlm":
-        raise ValueError(f"init_from {run}: a {saved.get('task')!r} run; the probe reads an MLM pre-training run")
-    if not (run / "checkpoints").is_dir():
-        raise ValueError(f"init_from {run}: no checkpoints/ folder")
-    loaded = load_run(run)
+    loaded = load_run(run_dir, label="init_from", task="mlm")
     return loaded.model_cfg, loaded.vocab, loaded.params

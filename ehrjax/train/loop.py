@@ -148,7 +148,7 @@ def build_run_trainer(
     """The trainer of a stand-alone run (the config's task and arm) and the embedding coverage report, if any."""
     validate_config(config)
     task = config.task
-    run = load_pretrained_run(config.init_from) if config.init_from else None
+    run = load_pretrained_run(config.init_from, label="init_from") if config.init_from else None
     if run is not None:
         diffs = config_mismatch(run.config, config_to_dict(config), ("model",))
         if diffs:

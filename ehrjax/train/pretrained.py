@@ -31,13 +31,24 @@ class PretrainedRun:
         return ml_collections.ConfigDict(self.config["model"])
 
 
-def load_pretrained_run(path: str | os.PathLike) -> PretrainedRun:
-    """Read `config.json`, `vocab.json` and the best (else latest) checkpoint's parameters of a run directory."""
+def load_pretrained_run(
+    path: str | os.PathLike, *, label: str = "pre-trained run", task: str | None = None
+) -> PretrainedRun:
+    """Read `config.json`, `vocab.json` and the best (else latest) checkpoint's parameters of a run directory.
+
+    Errors are one line starting with `label` and the path (e.g. `init_from /x: no vocab.json; ...`); `task`:
+    the run must have trained that task."""
     path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{label} {path}: not a directory")
     for name in ("config.json", "vocab.json"):
         if not (path / name).is_file():
-            raise ValueError(f"pre-trained run {path}: no {name}; not an ehrjax run directory")
+            raise ValueError(f"{label} {path}: no {name}; not an ehrjax run directory")
     config = json.loads((path / "config.json").read_text())
+    if task is not None and config.get("task") != task:
+        raise ValueError(f"{label} {path}: a {config.get('task')!r} run; expected a {task!r} run")
+    if not (path / "checkpoints").is_dir():
+        raise ValueError(f"{label} {path}: no checkpoints/ folder")
     vocab = Vocab.load(path / "vocab.json")
     model_cfg = ml_collections.ConfigDict(config["model"])
     template = nnx.eval_shape(lambda: Behrt(model_cfg, len(vocab), mlm_head=True, rngs=nnx.Rngs(params=0)))
