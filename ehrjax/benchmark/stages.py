@@ -181,7 +181,7 @@ class Benchmark:
         if (directory / "config.json").is_file() and (directory / "checkpoints" / "latest").is_dir():
             overrides["resume"] = str(directory)  # an interrupted pre-training continues where it stopped
             self.say(f"{name}: resuming the interrupted run in {directory}")
-        result = train(stage_config(c, **overrides))
+        result = train(stage_config(c, **overrides), cohort=self.pretrain_cohort)
         curve = []
         for line in (directory / "metrics.jsonl").read_text().splitlines():
             r = json.loads(line)

@@ -123,9 +123,13 @@ def make_task_data(
     return data.with_train_size(train_size) if train_size else data
 
 
-def build_task_data(config: Any, task: str | None = None, *, vocab: Vocab | None = None) -> TaskData:
-    """`make_task_data` for the config's cohort (`pretrain` stream for mlm, `finetune` otherwise)."""
+def build_task_data(
+    config: Any, task: str | None = None, *, vocab: Vocab | None = None, cohort: Cohort | None = None
+) -> TaskData:
+    """`make_task_data` for the config's cohort (`pretrain` stream for mlm, `finetune` otherwise); `cohort`: that
+    cohort already at hand (the benchmark holds it), instead of generating or reading it again."""
     task = task or config.task
     train_size = config.finetune.get("train_size", 0) if task != "mlm" else 0
-    return make_task_data(task_cohort(config, task), task, max_len=config.data.max_len, vocab=vocab,
-                          min_count=config.data.min_count, train_size=train_size)  # fmt: skip
+    cohort = cohort if cohort is not None else task_cohort(config, task)
+    return make_task_data(cohort, task, max_len=config.data.max_len, vocab=vocab, min_count=config.data.min_count,
+                          train_size=train_size)  # fmt: skip

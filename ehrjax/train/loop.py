@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ehrjax.data.cohort import Cohort
 from ehrjax.data.tasks import TASKS, TaskData, build_task_data
 from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, vocab_token_counts
@@ -143,9 +144,14 @@ def pretrained_table(run: PretrainedRun) -> np.ndarray:
 
 
 def build_run_trainer(
-    config: ml_collections.ConfigDict, vocab: Vocab | None = None, *, seeds: tuple[int, ...] | None = None
+    config: ml_collections.ConfigDict,
+    vocab: Vocab | None = None,
+    *,
+    seeds: tuple[int, ...] | None = None,
+    cohort: Cohort | None = None,
 ) -> tuple[Trainer, Any]:
-    """The trainer of a stand-alone run (the config's task and arm) and the embedding coverage report, if any."""
+    """The trainer of a stand-alone run (the config's task and arm) and the embedding coverage report, if any.
+    `cohort`: the config's cohort for the task, when the caller already holds it."""
     validate_config(config)
     task = config.task
     run = load_pretrained_run(config.init_from, label="init_from") if config.init_from else None
@@ -155,7 +161,7 @@ def build_run_trainer(
             raise ValueError(f"init_from {run.path}: the pre-trained model has another architecture "
                              f"({', '.join(diffs)})")  # fmt: skip
         vocab = vocab or run.vocab
-    data = build_task_data(config, task, vocab=vocab)
+    data = build_task_data(config, task, vocab=vocab, cohort=cohort)
     arm = Arm("mlm", trainable=EVERYTHING) if task == "mlm" else arm_from_config(config.arm, config.arms)
     table_path = config.embeddings_from or (arm.code_table if arm.table_from_file else "")
     code_table = coverage = None
@@ -175,8 +181,9 @@ def build_run_trainer(
     return trainer, coverage
 
 
-def train(config: ml_collections.ConfigDict) -> RunResult:
-    """Run `config.task` for `config.arm`; see the module docstring for what is written where."""
+def train(config: ml_collections.ConfigDict, cohort: Cohort | None = None) -> RunResult:
+    """Run `config.task` for `config.arm`; see the module docstring for what is written where. `cohort`: the
+    config's cohort for the task when the caller already holds it (it is not generated or read again)."""
     start_time = time.perf_counter()
     validate_config(config)
     task = config.task
@@ -187,7 +194,7 @@ def train(config: ml_collections.ConfigDict) -> RunResult:
         if (workdir / "vocab.json").is_file():
             vocab = Vocab.load(workdir / "vocab.json")
     check_writable(workdir)
-    trainer, coverage = build_run_trainer(config, vocab)
+    trainer, coverage = build_run_trainer(config, vocab, cohort=cohort)
     data = trainer.data
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     resume_step = None

@@ -65,6 +65,24 @@ def test_meds_source_reads_the_dataset(meds_config):
     np.testing.assert_array_equal(data.labels[:, 0], eligible.labels["outcome"].astype(np.float32))
 
 
+def test_build_task_data_takes_a_cohort_at_hand(monkeypatch):
+    """A cohort the caller holds is used as it is (the benchmark passes its pre-training cohort to `train`)."""
+    import ehrjax.data.tasks as tasks
+
+    c = small_config()
+    cohort = task_cohort(c, "mlm")
+    expected = build_task_data(c, "mlm")
+
+    def refuse(*args):
+        raise AssertionError("the cohort was generated again")
+
+    monkeypatch.setattr(tasks, "task_cohort", refuse)
+    data = build_task_data(c, "mlm", cohort=cohort)
+    assert data.cohort is cohort
+    for name in ("codes", "ages", "visits", "offsets"):
+        np.testing.assert_array_equal(getattr(data.corpus, name), getattr(expected.corpus, name), err_msg=name)
+
+
 @pytest.mark.parametrize(
     ("keys", "task", "message"),
     [
