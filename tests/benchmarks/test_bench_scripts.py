@@ -47,3 +47,24 @@ def test_compare_ratios_cover_every_torch_head():
     }
     order = compare.run_order(("pack", "pack_buckets"), ("sorted",))
     assert order == [("torch", "sorted"), ("ehrjax", "pack"), ("ehrjax", "pack_buckets")]
+    best = compare.best_ratio(ehrjax, torch)
+    assert best == {"ehrjax": "pack_buckets", "torch": "sorted/masked", "ratio": 0.6, "target": 1.5, "met": False}
+    assert "fastest ehrjax (pack_buckets) / fastest torch (sorted/masked): 0.60x" in compare.format_report(
+        {k: dict(v, computed_tokens_per_s=1.0, efficiency=1.0, step_s=1.0, patients_per_s=1.0, mfu=0.1,
+                 load=(0.0, 0.0)) for k, v in ehrjax.items()},
+        {k: dict(v, padded_tokens_per_s=1.0, padding_efficiency=1.0, step_ms=1.0, patients_per_s=1.0, cpu_util=1.0,
+                 load=(0.0, 0.0)) for k, v in torch.items()},
+        [],
+    )  # fmt: skip
+
+
+def test_generator_whole_process_against_a_baseline_checkout(capsys):
+    """--baseline runs another checkout's CLI beside this one's and compares the two files byte for byte (here the
+    same tree twice: IDENTICAL)."""
+    generator = _load("generator")
+    generator.whole_process(300, "finetune", [1], 1, baseline=BENCHMARKS.parent)
+    out = capsys.readouterr().out
+    assert out.count("before") == 1 and out.count(" this ") == 1
+    assert "cohorts IDENTICAL: " in out
+    with pytest.raises(SystemExit, match="--baseline"):
+        generator.whole_process(300, "finetune", [1], 1, baseline=BENCHMARKS)
