@@ -166,7 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Throughput profile (python -m ehrjax.profile); --modes / --dtypes / --steps / --warmup override.
     c.profile = ml_collections.ConfigDict()
-    c.profile.modes = "pack,bucket,pad_max"  # batching modes to profile
+    c.profile.modes = "pack,pack_buckets,bucket,pad_max"  # batching modes to profile
     c.profile.steps = 10  # timed steps per batch shape
     c.profile.warmup = 2  # untimed steps per batch shape, after the ahead-of-time compile
     c.profile.trace_steps = 3  # steps inside jax.profiler.trace with --trace

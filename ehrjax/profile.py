@@ -1,7 +1,8 @@
 """Throughput profile of the MLM train step per batching mode and compute dtype.
 
-    python -m ehrjax.profile --config configs/cpu.py [--config.key=value ...] [--modes pack,bucket,pad_max]
-        [--dtypes float32,bfloat16] [--steps N] [--warmup N] [--trace DIR] [--ops N] [--out DIR]
+    python -m ehrjax.profile --config configs/cpu.py [--config.key=value ...]
+        [--modes pack,pack_buckets,bucket,pad_max] [--dtypes float32,bfloat16] [--steps N] [--warmup N]
+        [--trace DIR] [--ops N] [--out DIR]
 
 Per (mode, dtype): the trainer is built (task `mlm`), every batch shape of the epoch plan is compiled
 ahead of time (`lower(...).compile()`, timed on its own), then per shape `warmup` untimed and `steps` timed
