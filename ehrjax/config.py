@@ -119,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress = True
     c.train.num_devices = 0  # 0 -> all devices on the 'data' mesh axis
     c.train.distributed = False  # call jax.distributed.initialize() first (multi-host; arguments from the env)
+    # A folder for XLA's persistent compilation cache ('' = off): repeated and resumed runs skip recompiling.
+    c.train.compilation_cache = ""
 
     c.model = model_config("small")
     c.lora = lora_config()

@@ -19,7 +19,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ehrjax.cli import one_line, parse_flags
+from ehrjax.cli import one_line, parse_flags, start_jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experiment config file (get_config()).")
 
@@ -44,10 +44,11 @@ def main(argv: list[str]) -> int:
     except OSError as err:
         print(f"error: config: {one_line(err)}", file=sys.stderr)
         return 2
-    if config.train.distributed:
-        import jax
-
-        jax.distributed.initialize()
+    try:
+        start_jax(config.train)
+    except ValueError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     from ehrjax.benchmark.report import format_results_table, write_report
     from ehrjax.benchmark.stages import Benchmark
     from ehrjax.train.checkpoint import check_writable

@@ -331,8 +331,11 @@ class Benchmark:
 def _check_same_config(manifest: Manifest, config: ml_collections.ConfigDict) -> None:
     if not manifest.path.is_file():
         raise ValueError(f"resume {manifest.path.parent}: no manifest.json; not a benchmark directory")
-    saved = json.loads(manifest.path.read_text())["config"]
-    current = config_to_dict(config)
+    def comparable(cfg: dict[str, Any]) -> dict[str, Any]:  # where the compiled programs are cached is not the study
+        return dict(cfg, train={k: v for k, v in cfg.get("train", {}).items() if k != "compilation_cache"})
+
+    saved = comparable(json.loads(manifest.path.read_text())["config"])
+    current = comparable(config_to_dict(config))
     ignore = {"resume", "output_dir"}
     diffs = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
     if diffs:

@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ehrjax.cli import one_line, parse_flags
+from ehrjax.cli import one_line, parse_flags, start_jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experiment config file (get_config()).")
 
@@ -32,11 +32,8 @@ def main(argv: list[str]) -> int:
     except OSError as err:  # the config file could not be loaded
         print(f"error: config: {one_line(err)}", file=sys.stderr)
         return 2
-    if config.train.distributed:
-        import jax
-
-        jax.distributed.initialize()  # coordinator, process count and id from the cluster environment
     try:
+        start_jax(config.train)
         result = train(config)
     except (ValueError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)

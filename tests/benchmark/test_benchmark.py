@@ -121,3 +121,22 @@ def test_sigkill_then_resume_gives_the_same_summary(smoke_run, tmp_path):
     a = json.loads((reference / "summary.json").read_text())["stats"]["rows"]
     b = json.loads((out / "summary.json").read_text())["stats"]["rows"]
     assert [(r["arm"], r["size"], r["auroc"]) for r in a] == [(r["arm"], r["size"], r["auroc"]) for r in b]
+
+
+def test_resume_ignores_the_compilation_cache_folder_but_not_the_study(tmp_path):
+    """Where compiled programs are cached is not part of the study: a resume may add or move the cache."""
+    from ehrjax.benchmark.manifest import Manifest
+    from ehrjax.benchmark.stages import _check_same_config
+    from ehrjax.config import load_config_file
+    from ehrjax.train.loop import config_to_dict
+
+    config = load_config_file(ROOT / "configs" / "smoke.py")
+    saved = config_to_dict(config)
+    del saved["train"]["compilation_cache"]  # a benchmark started before the key existed
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": saved, "stages": {}}))
+    manifest = Manifest(tmp_path, saved, resume=True)
+    config.train.compilation_cache = str(tmp_path / "cache")
+    _check_same_config(manifest, config)
+    config.seed = 7
+    with pytest.raises(ValueError, match="another config"):
+        _check_same_config(manifest, config)
