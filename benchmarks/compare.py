@@ -26,7 +26,8 @@ torch pad_longest >= 2x, pad_max / torch pad_max >= 1x; pack / torch sorted is r
 
 Runs go one after the other, each ehrjax mode next to its torch counterpart, with the 1-minute load average
 recorded per run. On a shared machine torch's OpenMP threads are far more sensitive to other jobs than XLA's
-(a step waits at every parallel region for a descheduled thread): `--threads 1` runs both single-threaded.
+(a step waits at every parallel region for a descheduled thread): `--threads 1` runs both on one core (torch
+with one thread, XLA single-threaded, the process pinned to its first allowed core).
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-warmup", type=int, default=1)
     parser.add_argument("--mlm-logits", default="all", help="torch MLM head input: all, masked or all,masked")
     parser.add_argument(
-        "--threads", type=int, default=0, help="0: all cores; 1: torch 1 thread and XLA single-threaded"
+        "--threads", type=int, default=0, help="0: all cores; 1: one core (torch 1 thread, XLA single-threaded, pinned)"
     )
     default_model = cpu_config().model
     parser.add_argument("--dropout", type=float, default=default_model.dropout, help="hidden dropout, both sides")
@@ -190,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.threads == 1:  # read when the backend starts, which has not happened yet
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-        )
+    if args.threads == 1:  # before the XLA backend and torch's threads start, so that they inherit it
+        # XLA's flag alone still leaves pool threads on other cores: the process is pinned to one core as well.
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     elif args.threads:
         parser.error("--threads: 0 (all cores) or 1")
     try:
