@@ -58,7 +58,7 @@ def test_cli_end_to_end(tmp_path):
     ops = result["ops"]  # --ops: where the step's time goes
     assert len(ops["top"]) == 5 and ops["op_seconds"] > 0
     assert sum(ops["categories"].values()) == pytest.approx(ops["op_seconds"])
-    assert ops["categories"]["matmul"] > 0 and ops["categories"]["dropout RNG"] > 0
+    assert ops["categories"]["matmul"] > 0 and ops["categories"]["random bits"] > 0
     assert "where the time goes" in proc.stdout and "matmul" in proc.stdout
 
 

@@ -5,7 +5,7 @@ threads that ran it. `op_breakdown` traces a few calls of a compiled executable,
 are instructions of that executable, and adds them up per instruction and per kind:
 
 - `matmul`: dots, and the fusions (XNNPACK / YNNPACK / oneDNN library calls included) that contain one;
-- `dropout RNG`: random-bit generation (threefry) and the masks built from it;
+- `random bits`: random-bit generation (threefry: dropout and MLM masking) and the masks built from it;
 - `softmax / reductions`: fusions with an exponential or a reduce (softmax, layer norm, losses, norms);
 - `layout copies`: copies and transposes (head splits and merges, operand layouts for the dots);
 - `gather / scatter`, `collectives`, and `element-wise` for the rest.
@@ -31,7 +31,7 @@ from typing import Any
 import jax
 
 CATEGORIES: tuple[str, ...] = (
-    "matmul", "dropout RNG", "softmax / reductions", "layout copies", "gather / scatter", "collectives", "element-wise",
+    "matmul", "random bits", "softmax / reductions", "layout copies", "gather / scatter", "collectives", "element-wise",
 )  # fmt: skip
 _RNG_MARKERS = ("threefry", "random_bits", "_bernoulli", "_uniform", "rng-bit-generator", "dropout")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -86,7 +86,7 @@ def categorize(op: HloOp) -> str:
     if op.opcode in ("dot", "convolution") or " dot(" in text or " convolution(" in text or "$matmul" in text:
         return "matmul"
     if any(marker in text for marker in _RNG_MARKERS):
-        return "dropout RNG"
+        return "random bits"
     if " exponential(" in text or " reduce(" in text or op.opcode == "reduce" or "reduce-window(" in text:
         return "softmax / reductions"
     if " gather(" in text or " scatter(" in text or op.opcode in ("gather", "scatter"):

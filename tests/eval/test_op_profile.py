@@ -29,7 +29,7 @@ def test_hlo_ops_parses_every_instruction_with_its_kind(compiled):
     exe, _ = compiled
     ops = hlo_ops(exe.as_text())
     kinds = {categorize(op) for op in ops.values()}
-    assert {"matmul", "softmax / reductions", "dropout RNG"} <= kinds
+    assert {"matmul", "softmax / reductions", "random bits"} <= kinds
     dots = [op for op in ops.values() if categorize(op) == "matmul"]
     assert dots and all(" dot(" in op.body or op.opcode == "dot" for op in dots)
     assert all(op.shape for op in ops.values())
@@ -46,7 +46,7 @@ def test_categorize_exact_cases():
     assert categorize(op("fusion", "%x = f32[2] fusion()\n %e = f32[2] exponential(%a)")) == "softmax / reductions"
     assert categorize(op("fusion", "%x = fusion()\n %t = f32[2] transpose(%a)")) == "layout copies"
     assert categorize(op("fusion", '%x = fusion()\n %s = u32[2] shift-right-logical(%a), op_name="threefry2x32"')) == (
-        "dropout RNG"
+        "random bits"
     )
     assert categorize(op("fusion", "%x = fusion()\n %g = f32[2] gather(%a, %i)")) == "gather / scatter"
     assert categorize(op("fusion", "%x = fusion()\n %m = f32[2] multiply(%a, %b)")) == "element-wise"
