@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import itertools
 import json
 import os
 import statistics
@@ -188,27 +189,26 @@ def profile_mode(
             "memory": _memory(compiled), **_xla_cost(compiled),
         })  # fmt: skip
 
+    (_, patient, cls), count = plan.groups[0], batcher.group_batches[0]
+    keys, active = trainer.keys(), jnp.ones(trainer.num_seeds, bool)
+
+    def first_shape_step(i: int) -> Any:
+        """Step i of the first shape's compiled program (its batches in turn), for the traces below."""
+        nonlocal state
+        state, sums = executables[0](state, trainer.corpus, patient[i % count], cls[i % count], keys, active)
+        return state, sums
+
     if trace_dir is not None:
-        (_, patient, cls), count = plan.groups[0], batcher.group_batches[0]
-        keys, active = trainer.keys(), jnp.ones(trainer.num_seeds, bool)
         with jax.profiler.trace(str(Path(trace_dir) / f"{mode}-{dtype}")):
             for i in range(trace_steps):
-                state, sums = executables[0](state, trainer.corpus, patient[i % count], cls[i % count], keys, active)
-            jax.block_until_ready((state, sums))
+                out = first_shape_step(i)
+            jax.block_until_ready(out)
 
     ops = None
     if ops_top > 0:
-        (_, patient, cls), count = plan.groups[0], batcher.group_batches[0]
-        keys, active = trainer.keys(), jnp.ones(trainer.num_seeds, bool)
-        calls = iter(range(10**9))
-
-        def run_step() -> Any:
-            nonlocal state
-            i = next(calls) % count
-            state, sums = executables[0](state, trainer.corpus, patient[i], cls[i], keys, active)
-            return state, sums
-
-        ops = op_breakdown(executables[0], run_step, steps=max(trace_steps, 1), top=ops_top)
+        calls = itertools.count()
+        ops = op_breakdown(executables[0], lambda: first_shape_step(next(calls)), steps=max(trace_steps, 1),
+                           top=ops_top)  # fmt: skip
 
     num_batches = batcher.num_batches
     epoch_s = sum(s["batches_per_epoch"] * s["step_s"] for s in shapes)

@@ -230,9 +230,6 @@ class CdfSampler:
         self.span = int(np.max(np.searchsorted(self.cdf, edges[1:], side="left") - self.first))
         self.padded = np.concatenate([self.cdf, np.full(self.span, np.inf)])
 
-    def __len__(self) -> int:
-        return len(self.cdf)
-
     def __call__(self, u: np.ndarray) -> np.ndarray:
         """u: float64[...] in [0, 1) -> int[...] indices."""
         base = self.first[(u * self.scale).astype(np.int32)]

@@ -96,47 +96,43 @@ def categorize(op: HloOp) -> str:
     return "element-wise"
 
 
-def op_times(run: Callable[[], Any], steps: int, names: set[str], trace_dir: str | Path | None = None) -> dict:
-    """Trace `steps` calls of `run` (each synchronised) and return {instruction name: seconds per call} for the
-    trace events named after an instruction in `names`, and the wall seconds per call (`__wall__`)."""
+def op_times(run: Callable[[], Any], steps: int, names: set[str]) -> tuple[dict[str, float], float]:
+    """Trace `steps` calls of `run` (each synchronised): ({instruction name: seconds per call} for the trace
+    events named after an instruction in `names`, wall seconds per call)."""
     with tempfile.TemporaryDirectory() as tmp:
-        where = Path(trace_dir or tmp)
         start = time.perf_counter()
-        with jax.profiler.trace(str(where)):
+        with jax.profiler.trace(tmp):
             for _ in range(steps):
                 jax.block_until_ready(run())
         wall = (time.perf_counter() - start) / steps
-        files = glob.glob(str(where / "**" / "*.xplane.pb"), recursive=True)
-        files.sort(key=lambda p: Path(p).stat().st_mtime)
+        files = glob.glob(str(Path(tmp) / "**" / "*.xplane.pb"), recursive=True)
         if not files:
-            raise RuntimeError(f"jax.profiler wrote no trace under {where}")
-        data = jax.profiler.ProfileData.from_file(files[-1])
+            raise RuntimeError(f"jax.profiler wrote no trace under {tmp}")
+        data = jax.profiler.ProfileData.from_file(files[0])
     totals: collections.Counter[str] = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
             for event in line.events:
                 if event.name in names:
                     totals[event.name] += event.duration_ns
-    out = {name: ns / 1e9 / steps for name, ns in totals.items()}
-    out["__wall__"] = wall
-    return out
+    return {name: ns / 1e9 / steps for name, ns in totals.items()}, wall
 
 
 def op_breakdown(compiled: Any, run: Callable[[], Any], steps: int = 5, top: int = 20) -> dict[str, Any]:
     """Time per kind and the `top` slowest instructions of `compiled` (a `jax.stages.Compiled`), from `steps`
-    traced calls of `run` (which calls it). Seconds are per call; `op_seconds` is their sum (thread time)."""
+    traced calls of `run` (which calls it). Seconds are per call; `op_seconds` is their sum over the ops."""
     ops = hlo_ops(compiled.as_text())
-    times = op_times(run, steps, set(ops))
-    wall = times.pop("__wall__")
+    times, wall = op_times(run, steps, set(ops))
+    kinds = {name: categorize(ops[name]) for name in times}
     by_kind = dict.fromkeys(CATEGORIES, 0.0)
     for name, seconds in times.items():
-        by_kind[categorize(ops[name])] += seconds
+        by_kind[kinds[name]] += seconds
     slowest = sorted(times.items(), key=lambda kv: -kv[1])[:top]
     return {
         "wall_seconds": wall,
         "op_seconds": sum(times.values()),
         "categories": by_kind,
-        "top": [{"name": n, "kind": categorize(ops[n]), "seconds": s, "shape": ops[n].shape, "source": ops[n].source}
+        "top": [{"name": n, "kind": kinds[n], "seconds": s, "shape": ops[n].shape, "source": ops[n].source}
                 for n, s in slowest],
     }  # fmt: skip
 
@@ -144,7 +140,7 @@ def op_breakdown(compiled: Any, run: Callable[[], Any], steps: int = 5, top: int
 def format_breakdown(b: dict[str, Any]) -> str:
     """Text tables of an `op_breakdown` result."""
     total = max(b["op_seconds"], 1e-12)
-    lines = [f"wall {1e3 * b['wall_seconds']:.1f} ms per step (traced); ops {1e3 * total:.1f} ms of thread time",
+    lines = [f"wall {1e3 * b['wall_seconds']:.1f} ms per step (traced); ops {1e3 * total:.1f} ms summed",
              f"{'kind':<22} {'ms/step':>8} {'share':>6}"]  # fmt: skip
     for kind, s in sorted(b["categories"].items(), key=lambda kv: -kv[1]):
         lines.append(f"{kind:<22} {1e3 * s:>8.2f} {s / total:>6.1%}")
