@@ -12,7 +12,6 @@ prints the result table.
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 from pathlib import Path
 
@@ -25,12 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experimen
 
 
 def output_dir(config) -> Path:
-    if config.resume:
-        return Path(config.resume)
-    if config.output_dir:
-        return Path(config.output_dir)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("results") / f"benchmark-{config.name}-{stamp}"
+    from ehrjax.train.rundir import run_directory
+
+    return run_directory(config, f"benchmark-{config.name}")
 
 
 def main(argv: list[str]) -> int:

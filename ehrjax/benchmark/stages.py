@@ -32,7 +32,7 @@ from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, read_code_vectors, vocab_token_counts
 from ehrjax.embeddings.med2vec import save_med2vec, train_med2vec
 from ehrjax.train.arms import Arm, arm_from_config, arm_lora_config
-from ehrjax.train.loop import config_to_dict, pretrained_table, train
+from ehrjax.train.loop import config_to_dict, pretrained_table, train, validate_cohort_sizes
 from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
 from ehrjax.train.trainer import ProgramCache
 
@@ -82,10 +82,7 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     for key in ("pretrain_epochs", "finetune_epochs", "finetune_patience", "finetune_rows_per_batch", "n_boot"):
         if b[key] <= 0:
             raise ValueError(f"benchmark.{key} must be > 0, got {b[key]}")
-    for key in ("pretrain.num_patients", "finetune.num_patients"):
-        section, name = key.split(".")
-        if config[section][name] <= 0:
-            raise ValueError(f"{key} must be > 0, got {config[section][name]}")
+    validate_cohort_sizes(config)
     plan = Plan(arms=arms, sizes=sizes, seeds=seeds)
     if config.med2vec.path and plan.needs("med2vec"):
         # Read it now: a missing file, an unknown format or a pickle without the opt-in fails before any work.

@@ -10,7 +10,6 @@ val and test patients) and `export/` (code table, adapters, model, as npz and sa
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from ehrjax.train.checkpoint import RunCheckpoints, check_writable, config_misma
 from ehrjax.train.export import export_adapters, export_code_table, export_model, flat_arrays
 from ehrjax.train.fit import DEFAULT_METRIC, FitResult, TrainingDiverged, evaluate, fit
 from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
-from ehrjax.train.rundir import RunLog, is_writer, predictions_arrays, write_json, write_npz
+from ehrjax.train.rundir import RunLog, is_writer, predictions_arrays, run_directory, write_json, write_npz
 from ehrjax.train.trainer import Trainer, build_trainer, unstack
 
 __all__ = ["RunResult", "TrainingDiverged", "build_run_trainer", "make_mesh", "train", "validate_config"]
@@ -76,10 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 raise ValueError(f"arm {config.arm!r} starts from a pre-trained model: set init_from to an MLM run")
         if arm.code_table == "med2vec" and not config.embeddings_from:
             raise ValueError(f"arm {config.arm!r} uses a Med2Vec table: set embeddings_from to its file")
-    for key in ("pretrain.num_patients", "finetune.num_patients"):
-        section, name = key.split(".")
-        if config[section][name] <= 0:
-            raise ValueError(f"{key} must be > 0, got {config[section][name]}")
+    validate_cohort_sizes(config)
     if config.train.epochs <= 0:
         raise ValueError(f"train.epochs must be > 0, got {config.train.epochs}")
     if config.train.patience <= 0:
@@ -87,6 +83,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "checkpoint_every", "max_eval_patients"):
         if config.train[key] <= 0:
             raise ValueError(f"train.{key} must be > 0, got {config.train[key]}")
+
+
+def validate_cohort_sizes(config: ml_collections.ConfigDict) -> None:
+    """One-line errors for cohort sizes that are not positive (`pretrain.num_patients`, `finetune.num_patients`)."""
+    for key in ("pretrain.num_patients", "finetune.num_patients"):
+        section, name = key.split(".")
+        if config[section][name] <= 0:
+            raise ValueError(f"{key} must be > 0, got {config[section][name]}")
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -110,13 +114,8 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh | None:
 
 
 def _run_dir(config: ml_collections.ConfigDict) -> Path:
-    if config.resume:
-        return Path(config.resume)
-    if config.output_dir:
-        return Path(config.output_dir)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     who = "mlm" if config.task == "mlm" else f"{config.task}-{config.arm}"
-    return Path("results") / f"{config.name}-{who}-{stamp}"
+    return run_directory(config, f"{config.name}-{who}")
 
 
 def _check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:

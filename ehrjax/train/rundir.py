@@ -7,6 +7,7 @@ half-written file under the final name. `metrics.jsonl` is appended one complete
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,16 @@ import numpy as np
 from ehrjax.atomic import atomic_write, json_default, write_json, write_npz, write_text
 
 __all__ = ["RunLog", "atomic_write", "is_writer", "predictions_arrays", "write_json", "write_npz", "write_text"]
+
+
+def run_directory(config: Any, stem: str) -> Path:
+    """Where a run writes: `config.resume` (continuing a run), else `config.output_dir`, else
+    `results/<stem>-<timestamp>`."""
+    if config.resume:
+        return Path(config.resume)
+    if config.output_dir:
+        return Path(config.output_dir)
+    return Path("results") / f"{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def is_writer() -> bool:
