@@ -13,6 +13,17 @@ from typing import Any
 import numpy as np
 
 
+def check_output_path(path: str | os.PathLike, suffix: str, label: str) -> Path:
+    """`path` as a Path; a one-line ValueError naming `label` unless it ends in `suffix` and its folder exists
+    (checked before any work, so a typo costs nothing)."""
+    path = Path(path)
+    if path.suffix != suffix:
+        raise ValueError(f"{label} {path}: expected a path ending in {suffix}")
+    if not path.parent.is_dir():
+        raise ValueError(f"{label} {path}: folder {path.parent} does not exist")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """`write(tmp)` to a temporary path beside `path` (same suffix), then rename it onto `path`."""
     path = Path(path)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ehrjax.atomic import atomic_write
+from ehrjax.atomic import atomic_write, check_output_path
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 TOKEN_FIELDS: tuple[str, ...] = ("codes", "visit", "age", "time")
@@ -221,11 +221,7 @@ class Cohort:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the cohort as `.npz`, atomically: a temporary file in the same folder, then a rename."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ValueError(f"cohort output {path}: expected a path ending in .npz")
-        if not path.parent.is_dir():
-            raise ValueError(f"cohort output {path}: folder {path.parent} does not exist")
+        path = check_output_path(path, ".npz", "cohort output")
         arrays = {name: getattr(self, name) for name in TOKEN_FIELDS + ("offsets",) + PATIENT_FIELDS}
         arrays["code_names"] = np.asarray(self.code_names, dtype=str)
         arrays.update({f"label__{k}": v for k, v in self.labels.items()})

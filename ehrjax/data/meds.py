@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ehrjax.atomic import atomic_write, check_output_path
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.synthetic import DAYS_PER_MONTH
 
@@ -115,14 +116,9 @@ def _schemas() -> dict[str, Any]:
 
 
 def _write_parquet(table: Any, path: Path) -> None:
-    """Write a parquet file atomically (a temporary file in the same folder, then a rename)."""
+    """Write a parquet file atomically (`ehrjax.atomic.atomic_write`)."""
     _, _, pq = _require()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _floor_div(a: np.ndarray, b: int) -> np.ndarray:
@@ -405,11 +401,7 @@ def write_meds_predictions(
     is `probability >= threshold`.
     """
     pa, _, _ = _require()
-    path = Path(path)
-    if path.suffix != ".parquet":
-        raise ValueError(f"predictions output {path}: expected a path ending in .parquet")
-    if not path.parent.is_dir():
-        raise ValueError(f"predictions output {path}: folder {path.parent} does not exist")
+    path = check_output_path(path, ".parquet", "predictions output")
     columns = {
         "subject_id": np.asarray(subject_id),
         "prediction_time": np.asarray(prediction_time),

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from ehrjax.atomic import check_output_path
 from ehrjax.data.cohort import SPLITS, Cohort
 
 BLOCK_SIZE = 4096
@@ -583,11 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output .npz path")
     args = parser.parse_args(argv)
     try:
-        out = args.out
-        if out.suffix != ".npz":
-            raise ValueError(f"--out {out}: expected a path ending in .npz")
-        if not out.parent.is_dir():
-            raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+        out = check_output_path(args.out, ".npz", "--out")
         cohort = generate_cohort(args.num_patients, args.seed, args.stream, args.num_noise_codes, args.workers)
         # The summary is computed while the file is written (the write is mostly system calls, without the GIL).
         with ThreadPoolExecutor(1, thread_name_prefix="summary") as pool:

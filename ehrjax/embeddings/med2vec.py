@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from ehrjax.atomic import check_output_path
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.vocab import NUM_SPECIAL, Vocab
 from ehrjax.embeddings.io import sibling
@@ -395,11 +396,7 @@ def save_med2vec(path: str | os.PathLike, params: dict[str, Any], vocab: Vocab) 
 
     Every file is written to a temporary name first; the `.npz` is renamed last. Returns the paths.
     """
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"med2vec output {path}: expected a path ending in .npz")
-    if not path.parent.is_dir():
-        raise ValueError(f"med2vec output {path}: folder {path.parent} does not exist")
+    path = check_output_path(path, ".npz", "med2vec output")
     missing = sorted(set(PARAM_NAMES) - set(params))
     if missing:
         raise ValueError(f"med2vec output {path}: params lack {missing}")
