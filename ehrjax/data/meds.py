@@ -79,6 +79,11 @@ def _meds_version() -> str:
 
 def _schemas() -> dict[str, Any]:
     pa, _, _ = _require()
+    label_fields = [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("prediction_time", pa.timestamp("us"), nullable=False),
+        pa.field("boolean_value", pa.bool_(), nullable=False),
+    ]
     return {
         "data": pa.schema(
             [
@@ -96,18 +101,10 @@ def _schemas() -> dict[str, Any]:
             ]
         ),
         "splits": pa.schema([pa.field("subject_id", pa.int64(), nullable=False), pa.field("split", pa.string())]),
-        "labels": pa.schema(
+        "labels": pa.schema(label_fields),
+        "predictions": pa.schema(  # a label row and what the model predicted for it
             [
-                pa.field("subject_id", pa.int64(), nullable=False),
-                pa.field("prediction_time", pa.timestamp("us"), nullable=False),
-                pa.field("boolean_value", pa.bool_(), nullable=False),
-            ]
-        ),
-        "predictions": pa.schema(
-            [
-                pa.field("subject_id", pa.int64(), nullable=False),
-                pa.field("prediction_time", pa.timestamp("us"), nullable=False),
-                pa.field("boolean_value", pa.bool_(), nullable=False),
+                *label_fields,
                 pa.field("predicted_boolean_value", pa.bool_()),
                 pa.field("predicted_boolean_probability", pa.float32()),
             ]
