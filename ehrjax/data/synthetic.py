@@ -10,8 +10,13 @@ Patient `i` of a stream depends only on `(seed, stream, i)`: patients are genera
 the first `n` patients of its blocks. Split membership is a hash of `(seed, patient_id)`.
 
 The `finetune` stream also carries the downstream tasks: an index visit per patient, the
-history cut at it, the outcome (heart failure within 365 days of the index date, prevalent cases excluded)
-drawn from a known probability `outcome_p`, and the next visit's diagnosis codes.
+history cut at it, two binary outcomes within 365 days of the index date, each drawn from a known
+probability, and the next visit's diagnosis codes. Heart failure (`outcome`, prevalent cases excluded) is
+driven mostly by disease presence, age and sex; renal decline (`renal_decline`) mostly by the order and
+timing of what the record shows. Each comes with two ceilings: the true risk (`outcome_p`,
+`renal_decline_p`), which includes the hidden frailty, and the visible risk (`outcome_p_visible`,
+`renal_decline_p_visible`), the same hazard with the frailty integrated out over its prior
+(docs/tasks.md).
 
     python -m ehrjax.data.synthetic --num-patients 10000 --seed 0 --stream pretrain --out cohort.npz
 """
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+from numpy.polynomial.hermite_e import hermegauss
 
 from ehrjax.atomic import check_output_path
 from ehrjax.data.cohort import SPLITS, Cohort
@@ -40,6 +46,9 @@ DAYS_PER_MONTH = DAYS_PER_YEAR / 12
 EXTRACT_YEAR = 2025  # the calendar year the records end in; gives birth years
 OUTCOME_WINDOW_DAYS = 365.0
 OUTCOME_DISEASE = "heart_failure"
+RISK_CAP = 0.95  # every outcome probability is capped below 1, so that every label stays uncertain
+FRAILTY_QUADRATURE_NODES = 32  # Gauss-Hermite nodes of the visible risks (the frailty integrated out)
+RENAL_RNG_TAG = 0x52454E41  # the renal-decline label's own random stream: (seed, stream, block, tag)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +143,24 @@ OUTCOME_COEF = dict(
     recent_onset_1y=0.90,  # diabetes or CKD diagnosed in the year before index
     ckd_after_diabetes=0.60,  # order: CKD that followed diabetes
     frequent_visits_6m=0.35,  # 3+ visits in the 6 months before index
+)
+
+# Log-hazard of renal decline (acute kidney injury or an accelerated loss of kidney function) within the
+# window after the index date. Mostly order and timing; presence terms are small. Rationale: docs/tasks.md.
+RENAL_COEF = dict(
+    intercept=-2.65,  # set once, after the other terms were fixed, for a prevalence of about 10%
+    age_per_decade=0.30,  # centred at 60
+    male=0.15,
+    frailty=0.25,  # the same latent frailty as heart failure, a smaller weight
+    chronic_kidney_disease=0.40,
+    type2_diabetes=0.20,
+    hypertension=0.20,
+    heart_failure=0.40,
+    ckd_after_diabetes=0.90,  # order: CKD diagnosed after type 2 diabetes (diabetic nephropathy)
+    new_raas_or_diuretic_90d=1.00,  # recency: hypertension or heart-failure treatment first started <= 90 days ago
+    diabetes_untreated_180d=0.80,  # gap: diabetes untreated for more than 180 days after its diagnosis
+    visit_acceleration=0.90,  # pattern: 3+ visits in the last 90 days, at most 1 in the 275 days before
+    ckd_unmonitored_1y=0.70,  # gap: CKD for a year or more and no kidney-monitoring code in the last 365 days
 )
 
 
@@ -254,7 +281,7 @@ class _Block:
     labels: dict[str, np.ndarray]
 
 
-def _generate_block(seed: int, stream: str, block: int, tables: _Tables) -> _Block:
+def _generate_block(seed: int, stream: str, block: int, tables: _Tables, hidden_frailty: bool = True) -> _Block:
     rng = np.random.default_rng([seed, STREAMS[stream], block])
     n = BLOCK_SIZE
     n_dis = len(DISEASES)
@@ -314,7 +341,10 @@ def _generate_block(seed: int, stream: str, block: int, tables: _Tables) -> _Blo
 
     labels: dict[str, np.ndarray] = {}
     if stream == "finetune":
-        onset, index_visit, labels = _outcome_task(rng, onset, treat_start, frailty, sex, v_age, v_first, v_count)
+        onset_before_index = onset  # the renal task reads these; the outcome task redraws later HF onsets
+        onset, index_visit, t_index, labels = _outcome_task(
+            rng, onset, treat_start, frailty, sex, v_age, v_first, v_count, hidden_frailty
+        )
 
     # Emissions per (visit, disease): diagnosis, treatment, monitoring codes.
     active = onset[v_patient] <= v_age[:, None]  # [V, n_dis]
@@ -375,6 +405,12 @@ def _generate_block(seed: int, stream: str, block: int, tables: _Tables) -> _Blo
         labels["next_visit_offsets"] = np.concatenate([[0], np.cumsum(np.bincount(t_patient[nxt], minlength=n))])
         keep = ~has_index[t_patient] | (v_index[t_visit] <= index_visit[t_patient])
         t_visit, t_code, t_patient = t_visit[keep], t_code[keep], t_patient[keep]
+        # Its own random stream: the draws above, and so every other array, do not depend on this task.
+        renal_rng = np.random.default_rng([seed, STREAMS[stream], block, RENAL_RNG_TAG])
+        labels.update(_renal_task(
+            renal_rng, onset_before_index, treat_start, frailty, sex, v_age, v_first, v_count, t_index,
+            t_visit, t_code, tables, hidden_frailty,
+        ))  # fmt: skip
 
     t_age = v_age[t_visit]
     first_age = v_age[v_first[:-1]]
@@ -402,15 +438,19 @@ def _outcome_task(
     v_age: np.ndarray,
     v_first: np.ndarray,
     v_count: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    hidden_frailty: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Index visit, outcome probability and label; heart-failure onsets after the index follow the label.
 
     Patients with at least 4 visits get an index visit uniformly among visits 3 .. n-1 (1-based), so the
     history has >= 3 visits and a next visit exists. Prevalent cases (onset at or before the index date)
-    are not eligible (`outcome = -1`).
+    are not eligible (`outcome = -1`). Returns the onsets, the index visit, the index date (age in days,
+    NaN without an index visit) and the labels: `outcome`, `outcome_p` (the true risk),
+    `outcome_p_visible` (`visible_risk`) and `index_visit`. `hidden_frailty=False` drops the frailty term.
     """
     n = len(frailty)
     c = OUTCOME_COEF
+    c_frailty = c["frailty"] if hidden_frailty else 0.0
     hf = DISEASE_INDEX[OUTCOME_DISEASE]
     has_index = v_count >= 4
     index_visit = np.where(has_index, 2 + np.floor(rng.random(n) * np.maximum(v_count - 3, 1)), -1).astype(np.int64)
@@ -431,19 +471,30 @@ def _outcome_task(
     v_patient = np.repeat(np.arange(n), v_count)
     in_window = (v_age >= (t_index - 182.0)[v_patient]) & (v_age <= t_index[v_patient])
     recent_visits = np.bincount(v_patient[in_window], minlength=n)
-    log_hazard = (
-        c["intercept"]
-        + c["age_per_decade"] * (t_index / DAYS_PER_YEAR - 60.0) / 10.0
-        + c["male"] * sex
-        + c["frailty"] * frailty
-        + sum(c[name] * active(name) for name in ("hypertension", "type2_diabetes", "chronic_kidney_disease", "copd"))
-        + c["untreated_hypertension_6m"] * untreated
-        + c["recent_onset_1y"] * recent
-        + c["ckd_after_diabetes"] * ckd_after_dm
-        + c["frequent_visits_6m"] * (recent_visits >= 3)
+    # The frailty term sits between the head and the tail of the sum, as it always has: the same float
+    # operations in the same order keep `outcome_p` bitwise what it was, and with `c_frailty = 0` the sum
+    # is bitwise the one without it (x + 0.0 == x), so the visible risk then equals the true one exactly.
+    head = c["intercept"] + c["age_per_decade"] * (t_index / DAYS_PER_YEAR - 60.0) / 10.0 + c["male"] * sex
+    presence = sum(
+        c[name] * active(name) for name in ("hypertension", "type2_diabetes", "chronic_kidney_disease", "copd")
     )
+
+    def with_frailty(term: np.ndarray | float) -> np.ndarray:
+        return (
+            head
+            + term
+            + presence
+            + c["untreated_hypertension_6m"] * untreated
+            + c["recent_onset_1y"] * recent
+            + c["ckd_after_diabetes"] * ckd_after_dm
+            + c["frequent_visits_6m"] * (recent_visits >= 3)
+        )
+
+    log_hazard = with_frailty(c_frailty * frailty)
     # Capped below 1 so that every label stays uncertain and the conditional onset below is defined.
-    p = np.minimum(1.0 - np.exp(-np.exp(log_hazard) * OUTCOME_WINDOW_DAYS / DAYS_PER_YEAR), 0.95)
+    p = window_risk(log_hazard)
+    p_visible = np.full(n, np.nan)
+    p_visible[eligible] = visible_risk(with_frailty(0.0)[eligible], c_frailty)
     label = rng.random(n) < p
     # Onset after the index date consistent with the label (exponential hazard, conditioned on the window).
     u = rng.random(n)
@@ -455,9 +506,123 @@ def _outcome_task(
     labels = dict(
         outcome=np.where(eligible, label, -1).astype(np.int8),
         outcome_p=np.where(eligible, p, np.nan).astype(np.float32),
+        outcome_p_visible=np.where(eligible, p_visible, np.nan).astype(np.float32),
         index_visit=index_visit.astype(np.int32),
     )
-    return onset, index_visit, labels
+    return onset, index_visit, t_index, labels
+
+
+def window_risk(log_hazard: np.ndarray) -> np.ndarray:
+    """P(event within the outcome window) for a constant hazard `exp(log_hazard)` per year, capped at RISK_CAP."""
+    return _risk_of_hazard(np.exp(log_hazard))
+
+
+def _risk_of_hazard(hazard: np.ndarray) -> np.ndarray:
+    return np.minimum(1.0 - np.exp(-hazard * OUTCOME_WINDOW_DAYS / DAYS_PER_YEAR), RISK_CAP)
+
+
+_NODES, _WEIGHTS = hermegauss(FRAILTY_QUADRATURE_NODES)
+_WEIGHTS = _WEIGHTS / _WEIGHTS.sum()
+
+
+def visible_risk(log_hazard_without_frailty: np.ndarray, c_frailty: float) -> np.ndarray:
+    """`E_f[window_risk(lh + c_frailty * f)]` over the frailty's prior f ~ N(0, 1): float64[n].
+
+    The risk given what the record shows, with the hidden frailty integrated out over its prior. It is not
+    the posterior given the record: frailty also raises disease onsets and visit rates, which the record
+    shows, so a model could in principle edge slightly past it. Gauss-Hermite quadrature (probabilists'
+    weight exp(-f^2 / 2), FRAILTY_QUADRATURE_NODES nodes, weights normalised to sum to 1), written as the
+    frailty-free risk plus weighted differences from it: with `c_frailty = 0` every node's hazard is the
+    frailty-free one times exp(0) = 1, every difference is exactly 0 and the result is bitwise
+    `window_risk(lh)`.
+    """
+    hazard = np.exp(np.asarray(log_hazard_without_frailty, dtype=np.float64))
+    centre = _risk_of_hazard(hazard)
+    at_nodes = _risk_of_hazard(hazard[:, None] * np.exp(c_frailty * _NODES)[None, :])
+    return centre + (at_nodes - centre[:, None]) @ _WEIGHTS
+
+
+def _renal_task(
+    rng: np.random.Generator,
+    onset: np.ndarray,
+    treat_start: np.ndarray,
+    frailty: np.ndarray,
+    sex: np.ndarray,
+    v_age: np.ndarray,
+    v_first: np.ndarray,
+    v_count: np.ndarray,
+    t_index: np.ndarray,
+    t_visit: np.ndarray,
+    t_code: np.ndarray,
+    tables: _Tables,
+    hidden_frailty: bool = True,
+) -> dict[str, np.ndarray]:
+    """Renal decline within the outcome window after the index date: probability and label.
+
+    Same index visit and history cut as the heart-failure outcome; every patient with an index visit is
+    eligible (an acute kidney injury can recur; there is no prevalent-case exclusion). `onset` holds the
+    onsets as simulated before the index (not the heart-failure onsets the outcome task redraws after it);
+    `t_visit`, `t_code`: the tokens of the cut record (visits at or before the index visit). The label comes
+    from `rng`, the task's own stream; nothing else in the cohort depends on it, and renal decline leaves
+    no trace in the record (the record ends at the index visit). Terms: RENAL_COEF, docs/tasks.md.
+    """
+    n = len(frailty)
+    c = RENAL_COEF
+    c_frailty = c["frailty"] if hidden_frailty else 0.0
+    eligible = np.isfinite(t_index)
+    t = np.where(eligible, t_index, 0.0)  # defined arithmetic for the patients without an index visit
+    idx = DISEASE_INDEX
+
+    def active(name: str) -> np.ndarray:
+        return eligible & (onset[:, idx[name]] <= t)
+
+    dm, ckd = idx["type2_diabetes"], idx["chronic_kidney_disease"]
+    ckd_after_dm = active("chronic_kidney_disease") & active("type2_diabetes") & (onset[:, ckd] > onset[:, dm])
+    new_start = np.zeros(n, dtype=bool)
+    for name in ("hypertension", "heart_failure"):
+        start = treat_start[:, idx[name]]
+        new_start |= eligible & (start > t - 90.0) & (start <= t)
+    dm_untreated = active("type2_diabetes") & (onset[:, dm] <= t - 180.0) & (treat_start[:, dm] > onset[:, dm] + 180.0)
+    # Visits (the index visit included) in the last 90 days and in the 275 days before those.
+    v_patient = np.repeat(np.arange(n), v_count)
+    before = t[v_patient] - v_age
+    recent = np.bincount(v_patient[(before >= 0.0) & (before < 90.0)], minlength=n)
+    earlier = np.bincount(v_patient[(before >= 90.0) & (before < 365.0)], minlength=n)
+    covers_year = v_age[v_first[:-1]] <= t - 365.0  # the record reaches back a full year
+    acceleration = eligible & covers_year & (recent >= 3) & (earlier <= 1)
+    # Kidney-monitoring codes (eGFR, creatinine) in the record's last 365 days.
+    is_monitor = np.zeros(tables.num_codes, dtype=bool)
+    is_monitor[tables.monitoring[ckd][tables.monitoring[ckd] >= 0]] = True
+    visits = t_visit[is_monitor[t_code]]
+    monitored = np.zeros(n, dtype=bool)
+    monitored[v_patient[visits][before[visits] < 365.0]] = True
+    unmonitored = active("chronic_kidney_disease") & (onset[:, ckd] <= t - 365.0) & ~monitored
+
+    head = c["intercept"] + c["age_per_decade"] * (t / DAYS_PER_YEAR - 60.0) / 10.0 + c["male"] * sex
+    presence = sum(c[name] * active(name) for name in ("chronic_kidney_disease", "type2_diabetes", "hypertension",
+                                                       "heart_failure"))  # fmt: skip
+
+    def with_frailty(term: np.ndarray | float) -> np.ndarray:
+        return (
+            head
+            + term
+            + presence
+            + c["ckd_after_diabetes"] * ckd_after_dm
+            + c["new_raas_or_diuretic_90d"] * new_start
+            + c["diabetes_untreated_180d"] * dm_untreated
+            + c["visit_acceleration"] * acceleration
+            + c["ckd_unmonitored_1y"] * unmonitored
+        )
+
+    p = window_risk(with_frailty(c_frailty * frailty))
+    p_visible = np.full(n, np.nan)
+    p_visible[eligible] = visible_risk(with_frailty(0.0)[eligible], c_frailty)
+    label = rng.random(n) < p
+    return dict(
+        renal_decline=np.where(eligible, label, -1).astype(np.int8),
+        renal_decline_p=np.where(eligible, p, np.nan).astype(np.float32),
+        renal_decline_p_visible=np.where(eligible, p_visible, np.nan).astype(np.float32),
+    )
 
 
 def default_workers() -> int:
@@ -480,6 +645,8 @@ def generate_cohort(
     stream: str = "pretrain",
     num_noise_codes: int = 1000,
     workers: int | None = None,
+    *,
+    hidden_frailty: bool = True,
 ) -> Cohort:
     """The first `num_patients` patients of stream `stream` (`pretrain` | `finetune`) for `seed`.
 
@@ -487,10 +654,16 @@ def generate_cohort(
     (numpy's sorts, random fills and element-wise kernels run without the GIL); the result is bitwise the
     same for any `workers`. `workers=None`: `default_workers()`; `1`: serial, no threads.
 
-    Labels (finetune stream): `outcome` int8 (1/0, -1 not eligible), `outcome_p` float32 (the true
-    probability; NaN if not eligible), `index_visit` int32, ragged `next_visit` (diagnosis code indices of
-    the visit after the index). Both streams carry `onset_age_months` int32[n, 8] (-1 = no onset), the
-    generator's ground truth for checks.
+    Labels (finetune stream): `outcome` int8 (heart failure within 365 days; 1/0, -1 not eligible),
+    `outcome_p` float32 (the true probability; NaN if not eligible), `outcome_p_visible` float32 (the
+    probability with the hidden frailty integrated out over its prior), the same three for renal decline
+    (`renal_decline`, `renal_decline_p`, `renal_decline_p_visible`), `index_visit` int32, ragged
+    `next_visit` (diagnosis code indices of the visit after the index). Both streams carry
+    `onset_age_months` int32[n, 8] (-1 = no onset), the generator's ground truth for checks.
+
+    `hidden_frailty=False` drops the frailty term from both outcome hazards (the visible risks then equal
+    the true ones exactly); the frailty still shapes onsets and visits. A different cohort: its labels
+    differ, and so do the draws after them (post-index emissions), so only the default is the benchmark's.
     """
     if not isinstance(num_patients, int | np.integer) or num_patients <= 0:
         raise ValueError(f"num_patients must be a positive integer, got {num_patients!r}")
@@ -507,10 +680,13 @@ def generate_cohort(
     workers = min(int(workers), n_blocks)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="synthetic") if workers > 1 else None
     try:
-        blocks = _map(pool, lambda b: _generate_block(seed, stream, b, tables), range(n_blocks))
+        blocks = _map(pool, lambda b: _generate_block(seed, stream, b, tables, hidden_frailty), range(n_blocks))
         last = num_patients - (n_blocks - 1) * BLOCK_SIZE
         blocks[-1] = _truncate_block(blocks[-1], last)
-        return _assemble(blocks, num_patients, seed, stream, num_noise_codes, pool)
+        cohort = _assemble(blocks, num_patients, seed, stream, num_noise_codes, pool)
+        if not hidden_frailty:
+            cohort.meta["hidden_frailty"] = False
+        return cohort
     finally:
         if pool is not None:
             pool.shutdown()
