@@ -534,7 +534,8 @@ def visible_risk(log_hazard_without_frailty: np.ndarray, c_frailty: float) -> np
     weight exp(-f^2 / 2), FRAILTY_QUADRATURE_NODES nodes, weights normalised to sum to 1), written as the
     frailty-free risk plus weighted differences from it: with `c_frailty = 0` every node's hazard is the
     frailty-free one times exp(0) = 1, every difference is exactly 0 and the result is bitwise
-    `window_risk(lh)`.
+    `window_risk(lh)`. Accuracy: ~1e-12 where the risk stays well below the cap; within ~1e-4 near it,
+    where the cap puts a kink into the integrand (a handful of patients; immaterial to any AUROC).
     """
     hazard = np.exp(np.asarray(log_hazard_without_frailty, dtype=np.float64))
     centre = _risk_of_hazard(hazard)

@@ -18,6 +18,8 @@ from ehrjax.data.synthetic import (
     assign_splits,
     code_catalogue,
     generate_cohort,
+    visible_risk,
+    window_risk,
 )
 
 
@@ -243,6 +245,48 @@ def test_outcome_task(finetune):
     hf_codes = [finetune.code_names.tolist().index(code) for code in DISEASES[DISEASE_INDEX["heart_failure"]].diagnosis]
     patient = np.repeat(np.arange(len(finetune)), finetune.lengths)
     assert not np.isin(finetune.codes, hf_codes)[eligible[patient]].any()
+
+
+def test_renal_decline_task(finetune):
+    index_visit = finetune.labels["index_visit"]
+    for key in ("outcome_p_visible", "renal_decline_p", "renal_decline_p_visible"):
+        assert finetune.labels[key].dtype == np.float32, key
+    y, p, visible = (finetune.labels[k] for k in ("renal_decline", "renal_decline_p", "renal_decline_p_visible"))
+    eligible = y >= 0
+    assert y.dtype == np.int8 and set(np.unique(y).tolist()) == {-1, 0, 1}
+    np.testing.assert_array_equal(eligible, index_visit >= 0)  # no prevalent-case exclusion
+    for risk in (p, visible):
+        assert np.all(np.isnan(risk[~eligible])) and np.all((risk[eligible] > 0) & (risk[eligible] <= 0.95))
+    assert 0.08 <= y[eligible].mean() <= 0.15
+    # The visible risk averages the hidden frailty out: it is smoother than the true risk, and close to it.
+    assert np.std(visible[eligible]) < np.std(p[eligible])
+    assert np.corrcoef(visible[eligible], p[eligible])[0, 1] > 0.9
+    hf_eligible = finetune.labels["outcome"] >= 0
+    assert np.all(np.isnan(finetune.labels["outcome_p_visible"][~hf_eligible]))
+
+
+def test_without_the_frailty_term_the_visible_risk_is_the_true_risk():
+    cohort = generate_cohort(6000, 3, "finetune", hidden_frailty=False)
+    assert cohort.meta["hidden_frailty"] is False and "hidden_frailty" not in generate_cohort(10, 3, "finetune").meta
+    for label, risk in (("outcome", "outcome_p"), ("renal_decline", "renal_decline_p")):
+        true, visible = cohort.labels[risk], cohort.labels[risk + "_visible"]
+        assert visible.tobytes() == true.tobytes(), risk  # bitwise, NaNs included
+        y = cohort.labels[label]
+        eligible = y >= 0
+        assert roc_auc_score(y[eligible], visible[eligible]) == roc_auc_score(y[eligible], true[eligible])
+    default = generate_cohort(6000, 3, "finetune")
+    assert not np.array_equal(default.labels["outcome_p_visible"], default.labels["outcome_p"], equal_nan=True)
+
+
+def test_visible_risk_integrates_the_frailty_over_its_prior():
+    lh = np.linspace(-7.0, 0.5, 41)
+    f = np.linspace(-12.0, 12.0, 24_001)  # a fine grid against the standard normal density
+    density = np.exp(-0.5 * f**2) / np.sqrt(2 * np.pi)
+    for c in (0.25, 0.35):
+        grid = (window_risk(lh[:, None] + c * f[None, :]) * density).sum(axis=1) * (f[1] - f[0])
+        np.testing.assert_allclose(visible_risk(lh, c), grid, atol=2e-4)
+        np.testing.assert_allclose(visible_risk(lh[lh < -1], c), grid[lh < -1], rtol=1e-9, atol=0)
+    assert visible_risk(lh, 0.0).tobytes() == window_risk(lh).tobytes()
 
 
 def test_next_visit_labels_are_diagnosis_codes(finetune):
