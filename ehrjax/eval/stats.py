@@ -6,7 +6,8 @@ resamples both at once: each replicate draws the test patients with replacement 
 replacement, and its value is the mean over the drawn seeds of the metric on the drawn patients. The point
 estimate is the mean over seeds of the metric on all test patients; the interval is the 95% percentile
 interval of the replicates. A paired difference of two arms applies the same patient and seed draws to both,
-so the shared test-set noise cancels.
+so the shared test-set noise cancels; `bootstrap_p_value` turns its replicates into a two-sided p-value and
+`holm` adjusts a family of them for multiple comparisons.
 
 A patient resample is a count vector (how often each patient was drawn), and every metric here is computed
 from counts used as sample weights, vectorised over many replicates at once: this equals the metric on the
@@ -234,10 +235,11 @@ def interval(reps: Replicates) -> tuple[float, float, float]:
     return (float(reps.point.mean()), *_interval(values))
 
 
-def difference(a: Replicates, b: Replicates) -> tuple[float, float, float]:
-    """(mean A - B, lo, hi), paired: both arms get each replicate's patient draw and seed-index draw.
+def difference_replicates(a: Replicates, b: Replicates) -> tuple[float, np.ndarray]:
+    """(mean A - B on all patients, the paired difference per bootstrap replicate: float[n_boot]).
 
-    Row s of A and of B must come from the same training seed; an arm with one row is broadcast.
+    Both arms get each replicate's patient draw and seed-index draw. Row s of A and of B must come from the
+    same training seed; an arm with one row is broadcast. Replicates whose patients hold one class are NaN.
     """
     if a.values.shape[0] != b.values.shape[0] or a.seed != b.seed or a.metric != b.metric:
         raise ValueError("replicates: A and B must share metric, n_boot and seed to be paired")
@@ -246,7 +248,49 @@ def difference(a: Replicates, b: Replicates) -> tuple[float, float, float]:
         raise ValueError(f"scores_a, scores_b: expected the same number of seeds (or one), got {num_a} and {num_b}")
     counts = _seed_counts(max(num_a, num_b), a.values.shape[0], a.seed)
     values = _seed_mean(a.values, counts) - _seed_mean(b.values, counts)
-    return (float(np.mean(a.point - b.point)), *_interval(values))
+    return float(np.mean(a.point - b.point)), values
+
+
+def difference(a: Replicates, b: Replicates) -> tuple[float, float, float]:
+    """(mean A - B, lo, hi), paired: both arms get each replicate's patient draw and seed-index draw.
+
+    Row s of A and of B must come from the same training seed; an arm with one row is broadcast.
+    """
+    mean, values = difference_replicates(a, b)
+    return (mean, *_interval(values))
+
+
+def bootstrap_p_value(values: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "the paired difference is 0", from its replicates (float[n_boot]).
+
+    p = 2 * min(share of replicates <= 0, share >= 0), capped at 1 and floored at 1 / (n + 1) (n finite
+    replicates: the bootstrap cannot resolve a smaller p). It matches the percentile interval: p < 0.05
+    roughly when the 95% interval excludes 0. Identical arms (every replicate 0) give 1. NaN replicates (a
+    resample with one class) are left out; NaN if none is finite.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan")
+    share = min(float(np.mean(values <= 0)), float(np.mean(values >= 0)))
+    return float(min(1.0, max(2.0 * share, 1.0 / (len(values) + 1))))
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm-Bonferroni step-down adjusted p-values of one family of m tests (float[m], in the input order).
+
+    The i-th smallest p (i = 0, 1, ...) is multiplied by m - i, the running maximum makes the adjusted values
+    monotone in the raw ones, and each is capped at 1. Rejecting where adjusted < alpha controls the
+    family-wise error rate at alpha. NaN entries stay NaN and do not count towards m.
+    """
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    out = np.full(p.shape, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = len(order)
+    scaled = (m - np.arange(m)) * p[order]
+    out[order] = np.minimum(1.0, np.maximum.accumulate(scaled)) if m else scaled
+    return out
 
 
 def bootstrap_over_patients_and_seeds(

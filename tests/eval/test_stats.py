@@ -7,8 +7,11 @@ from sklearn.metrics import auc, average_precision_score, brier_score_loss, prec
 from ehrjax.eval.stats import (
     bootstrap_draws,
     bootstrap_over_patients_and_seeds,
+    bootstrap_p_value,
     brier_score,
     difference,
+    difference_replicates,
+    holm,
     interval,
     metric_per_weighting,
     paired_difference,
@@ -194,3 +197,39 @@ def test_interval_depends_only_on_the_order_of_scores_and_self_difference_is_zer
     got = bootstrap_over_patients_and_seeds(labels, scores, n_boot=40, seed=seed)
     assert bootstrap_over_patients_and_seeds(labels, 3 * scores - 7, n_boot=40, seed=seed) == got
     assert paired_difference(labels, scores, 3 * scores - 7, n_boot=40, seed=seed) == (0.0, 0.0, 0.0)
+
+
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02], rtol=1e-12)
+    np.testing.assert_allclose(holm([0.5, 0.6]), [1.0, 1.0])  # capped at 1
+    np.testing.assert_allclose(holm([0.02]), [0.02])  # a family of one is not adjusted
+    adjusted = holm([0.01, np.nan, 0.02])  # NaN stays NaN and does not count towards m
+    assert np.isnan(adjusted[1]) and adjusted[0] == pytest.approx(0.02) and adjusted[2] == pytest.approx(0.02)
+    assert holm([]).shape == (0,)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12))
+def test_holm_is_monotone_at_least_the_raw_p_and_at_most_bonferroni(p):
+    p = np.array(p)
+    adjusted = holm(p)
+    order = np.argsort(p, kind="stable")
+    assert (np.diff(adjusted[order]) >= 0).all()
+    assert (adjusted >= p - 1e-15).all() and (adjusted <= np.minimum(1, len(p) * p) + 1e-15).all()
+
+
+def test_bootstrap_p_value_has_the_known_sign_and_floor():
+    assert bootstrap_p_value(np.full(99, 0.1)) == pytest.approx(1 / 100)  # all above 0: the floor
+    assert bootstrap_p_value(np.r_[np.full(90, 0.1), np.full(10, -0.1)]) == pytest.approx(0.2)
+    assert bootstrap_p_value(np.r_[np.full(90, -0.1), np.full(10, 0.1)]) == pytest.approx(0.2)  # symmetric
+    assert bootstrap_p_value(np.zeros(50)) == 1.0  # identical arms
+    assert np.isnan(bootstrap_p_value(np.full(5, np.nan)))
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(100), np.ones(100)]
+    good = labels + rng.normal(0, 0.5, (3, 200))
+    bad = labels + rng.normal(0, 2.0, (3, 200))
+    a, b = replicates(labels, good, n_boot=300), replicates(labels, bad, n_boot=300)
+    mean, values = difference_replicates(a, b)
+    assert mean > 0 and bootstrap_p_value(values) == pytest.approx(1 / 301)
+    assert (mean, *np.percentile(values, [2.5, 97.5])) == pytest.approx(difference(a, b))
