@@ -1,11 +1,11 @@
-"""Bag-of-codes features and the validation-chosen logistic regression."""
+"""Bag-of-codes features and the logistic regression whose C is chosen by validation log loss."""
 
 import math
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 
 from ehrjax.data.tokenize import TokenizedCorpus
 from ehrjax.data.vocab import CLS, SEP, UNK
@@ -58,23 +58,37 @@ def test_fit_logreg_on_separable_data():
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = separable(200, 0), separable(100, 1), separable(100, 2)
     fit = fit_logreg(x_tr, y_tr, x_va, y_va, Cs=(0.01, 1.0, 100.0), standardize=True)
     probs = fit.predict_proba(x_te)
-    assert probs.shape == (100,) and np.all((probs > 0) & (probs < 1))
+    # Separable data: log loss keeps the weakest regularisation, whose probabilities may round to 0 or 1.
+    assert probs.shape == (100,) and np.all((probs >= 0) & (probs <= 1))
     assert roc_auc_score(y_te, probs) > 0.99
-    assert set(fit.val_aurocs) == {0.01, 1.0, 100.0}
-    best = max(fit.val_aurocs.values())
-    assert fit.val_auroc == best and fit.C == min(c for c, v in fit.val_aurocs.items() if v == best)
+    assert set(fit.val_aurocs) == set(fit.val_log_losses) == {0.01, 1.0, 100.0}
+    best = min(fit.val_log_losses.values())
+    assert fit.val_log_loss == best and fit.C == min(c for c, v in fit.val_log_losses.items() if v == best)
+    assert fit.val_auroc == fit.val_aurocs[fit.C]
 
 
-def test_fit_logreg_chooses_c_on_validation_auroc():
+def test_fit_logreg_chooses_c_on_validation_log_loss():
     # One informative feature among many noise features and few training rows: weak regularisation overfits
-    # the noise, so the validation AUROC (recomputed here per C) must pick the C the fit reports.
+    # the noise, so the validation log loss (recomputed here) must pick the C the fit reports.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(260, 60))
     y = (x[:, 0] + rng.normal(scale=1.5, size=260) > 0).astype(int)
     fit = fit_logreg(x[:60], y[:60], x[60:], y[60:], Cs=(1e-3, 1e-1, 1e3), standardize=True)
-    assert fit.val_aurocs[1e3] < max(fit.val_aurocs.values())
-    assert fit.C == max(fit.val_aurocs, key=fit.val_aurocs.get)
+    assert fit.val_log_losses[1e3] > min(fit.val_log_losses.values())
+    assert fit.C == min(fit.val_log_losses, key=fit.val_log_losses.get)
+    assert fit.val_log_loss == pytest.approx(log_loss(y[60:], fit.predict_proba(x[60:])))
     assert fit.val_auroc == pytest.approx(roc_auc_score(y[60:], fit.predict_proba(x[60:])))
+
+
+def test_fit_logreg_prefers_calibrated_over_shrunk_probabilities():
+    # With one feature every C ranks the validation rows alike (equal AUROCs, so AUROC would keep the smallest
+    # C), but C=1e-6 shrinks every probability to near the prevalence: log loss picks C=1.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 1))
+    y = (rng.random(400) < 1 / (1 + np.exp(-3 * x[:, 0]))).astype(int)
+    fit = fit_logreg(x[:200], y[:200], x[200:], y[200:], Cs=(1e-6, 1.0))
+    assert fit.val_aurocs[1e-6] == pytest.approx(fit.val_aurocs[1.0])
+    assert fit.C == 1.0 and fit.val_log_losses[1e-6] > fit.val_log_losses[1.0] + 0.1
 
 
 def test_fit_logreg_accepts_sparse_features():
