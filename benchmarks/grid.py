@@ -21,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from ehrjax.benchmark.grid import ArmInputs, run_neural_cell
+from ehrjax.benchmark.grid import ArmInputs, CellData, run_neural_cell
 from ehrjax.benchmark.stages import parse_list, stage_config
 from ehrjax.config import load_config_file
 from ehrjax.data.batching import to_device
@@ -30,6 +30,15 @@ from ehrjax.train.arms import arm_from_config, arm_lora_config
 from ehrjax.train.loop import pretrained_table, train
 from ehrjax.train.pretrained import load_pretrained_run
 from ehrjax.train.trainer import ProgramCache
+
+
+def _steps(data, size: int, rows: int) -> int:
+    """Batches per epoch of `size` training patients in fine-tuning batches (for an epoch budget in steps)."""
+    from ehrjax.data.batching import DeviceBatcher
+
+    b = DeviceBatcher(data.corpus, row_len=data.corpus.max_len, rows_per_batch=rows,
+                      patients=data.splits["train"][:size])  # fmt: skip
+    return b.num_batches
 
 
 def main() -> None:
@@ -62,10 +71,11 @@ def main() -> None:
                 trainable=arm.trainable, lora_cfg=arm_lora_config(arm, config.lora),
             )  # fmt: skip
             for size in sizes:
-                runs, _ = run_neural_cell(
-                    inputs, data, size, seeds, out=tmp / "grid", optim_cfg=finetune.optim, data_cfg=finetune.data,
-                    epochs=args.epochs, patience=args.epochs, max_eval_patients=len(data.splits["val"]),
-                    corpus=corpus, programs=programs,
+                cell = CellData("heart_failure", data, None, None, data.splits["val"])
+                runs, _, _ = run_neural_cell(
+                    inputs, cell, size, seeds, [float(finetune.optim.learning_rate)], out=tmp / "grid",
+                    optim_cfg=finetune.optim, data_cfg=finetune.data, max_steps=args.epochs * _steps(data, size, rows),
+                    eval_steps=1, patience=args.epochs, corpus=corpus, programs=programs,
                 )  # fmt: skip
                 r = runs[0]
                 in_steps += r["group_train_s"] + r["group_eval_s"]

@@ -13,13 +13,19 @@ from ehrjax.config import cpu_config
 
 def get_config():
     c = cpu_config("cpu")
-    c.benchmark.train_sizes = "250,1000"
+    c.benchmark.arms = "logreg,trees,scratch,mlm_lora,med2vec_lora,mlm_full,oracle,oracle_visible"
+    c.benchmark.tasks = "heart_failure,renal_decline"
+    c.benchmark.train_sizes = "64,250,1000"
     c.benchmark.pretrain_epochs = 2
-    c.benchmark.finetune_epochs = 6
-    c.benchmark.finetune_patience = 2
+    c.benchmark.finetune_max_steps = 150
+    c.benchmark.max_val_patients = 1000
+    c.benchmark.roles.table_pairs = "mlm_lora:med2vec_lora"
+    c.benchmark.roles.trainable_contrast = ""
     c.benchmark.cuts = (
-        "labelled-set sizes 250 and 1,000 (the full grid adds 4,000); "
+        "labelled-set sizes 64, 250 and 1,000 (the full grid adds 4,000); "
+        "the frozen-embedding arms mlm_emb and med2vec_emb (Med2Vec against the learned table is asked of the "
+        "LoRA pair only); "
         "2 epochs of MLM pre-training per table instead of 8; "
-        "at most 6 fine-tuning epochs (patience 2) instead of 10 (patience 3)"
+        "at most 150 fine-tuning steps per run instead of 300; 1,000 validation patients instead of 2,000"
     )
     return c

@@ -1,5 +1,5 @@
-"""The full CPU grid for users with time (about an hour on 2 cores): every arm, labelled-set sizes up to 4,000
-patients, three seeds, full-length pre-training.
+"""The full CPU grid for users with time (about an hour on 2 cores): every arm, both outcome tasks, labelled-set
+sizes from 64 to 4,000 patients, three replicates, full-length pre-training.
 
     python -m ehrjax.benchmark --config configs/cpu_full.py
 """
@@ -9,8 +9,6 @@ from ehrjax.config import cpu_config
 
 def get_config():
     c = cpu_config("cpu_full")
-    c.benchmark.train_sizes = "250,1000,4000"
+    c.benchmark.train_sizes = "64,250,1000,4000"
     c.benchmark.pretrain_epochs = 8
-    c.benchmark.finetune_epochs = 10
-    c.benchmark.finetune_patience = 3
     return c

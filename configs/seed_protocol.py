@@ -27,10 +27,11 @@ def get_config():
         "random frozen encoder + LoRA r16 on attention; Med2Vec code embeddings frozen (reference run 3)",
         code_table="med2vec", trainable=("embeddings", "lora", "head"), **lora)
     c.benchmark.arms = ("logreg,scratch,ref_trainable_emb,ref_frozen_mlm_emb,ref_frozen_med2vec_emb,mlm_lora,"
-                        "med2vec_lora,oracle")
+                        "med2vec_lora,oracle,oracle_visible")
+    c.benchmark.roles.table_pairs = "ref_frozen_mlm_emb:ref_frozen_med2vec_emb,mlm_lora:med2vec_lora"
+    c.benchmark.roles.trainable_contrast = "ref_trainable_emb"
+    c.benchmark.tasks = "heart_failure"
     c.benchmark.train_sizes = "250,1000"
     c.benchmark.pretrain_epochs = 2
-    c.benchmark.finetune_epochs = 6
-    c.benchmark.finetune_patience = 2
-    c.benchmark.cuts = "labelled-set sizes 250 and 1,000; 2 epochs of MLM pre-training; at most 6 fine-tuning epochs"
+    c.benchmark.cuts = "heart failure only; labelled-set sizes 250 and 1,000; 2 epochs of MLM pre-training"
     return c

@@ -25,10 +25,14 @@ def get_config():
     c.train.log_every = 10
     c.train.max_eval_patients = 500
     c.train.progress = False
-    c.benchmark.train_sizes = "100,300"
-    c.benchmark.seeds = "0,1"
+    c.benchmark.train_sizes = "64,200"
+    c.benchmark.replicates = "0,1"
     c.benchmark.pretrain_epochs = 1
-    c.benchmark.finetune_epochs = 3
+    c.benchmark.finetune_max_steps = 24
+    c.benchmark.finetune_eval_steps = 6
+    c.benchmark.finetune_patience = 2
+    c.benchmark.max_val_patients = 300
     c.benchmark.n_boot = 200
-    c.benchmark.cuts = "smoke test: tiny model and cohorts, 1 pre-training epoch, 3 fine-tuning epochs, 2 seeds"
+    c.benchmark.cuts = ("smoke test: tiny model and cohorts, 1 pre-training epoch, at most 24 fine-tuning steps, "
+                        "2 replicates")
     return c

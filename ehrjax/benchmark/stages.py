@@ -23,11 +23,11 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ehrjax.benchmark.grid import ArmInputs, run_logreg_cell, run_neural_cell, run_oracle_cell
+from ehrjax.benchmark.grid import ArmInputs, CellData, run_baseline_cell, run_ceiling_cell, run_neural_cell
 from ehrjax.benchmark.manifest import Manifest, cohort_fingerprint, patient_hashes, save_patient_hashes
 from ehrjax.data.batching import to_device
-from ehrjax.data.labels import outcome_labels
-from ehrjax.data.tasks import TaskData, make_task_data, task_cohort
+from ehrjax.data.labels import OUTCOME_TASKS, outcome_labels, outcome_task
+from ehrjax.data.tasks import make_task_data, task_cohort
 from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, read_code_vectors, vocab_token_counts
 from ehrjax.embeddings.med2vec import save_med2vec, train_med2vec
@@ -35,9 +35,6 @@ from ehrjax.train.arms import Arm, arm_from_config, arm_lora_config
 from ehrjax.train.loop import config_to_dict, pretrained_table, train, validate_cohort_sizes
 from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
 from ehrjax.train.trainer import ProgramCache
-
-STAGES: tuple[str, ...] = ("cohorts", "pretrain_mlm", "med2vec", "pretrain_med2vec_mlm", "finetune", "probe",
-                           "report")  # fmt: skip
 
 
 def parse_list(text: str, key: str, cast: type = str) -> list[Any]:
@@ -55,7 +52,8 @@ class Plan:
 
     arms: list[Arm]
     sizes: list[int]
-    seeds: list[int]
+    replicates: list[int]
+    tasks: list[str]
 
     @property
     def neural(self) -> list[Arm]:
@@ -74,16 +72,24 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
         raise ValueError("benchmark.arms is empty; name some of " + ",".join(config.arms.keys()))
     arms = [arm_from_config(n, config.arms) for n in names]
     sizes = sorted(set(parse_list(b.train_sizes, "benchmark.train_sizes", int)))
-    seeds = parse_list(b.seeds, "benchmark.seeds", int)
+    replicates = parse_list(b.replicates, "benchmark.replicates", int)
+    tasks = parse_list(b.tasks, "benchmark.tasks")
     if not sizes or min(sizes) <= 0:
         raise ValueError(f"benchmark.train_sizes={b.train_sizes!r}: expected positive labelled-set sizes")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"benchmark.seeds={b.seeds!r}: expected distinct integers")
-    for key in ("pretrain_epochs", "finetune_epochs", "finetune_patience", "finetune_rows_per_batch", "n_boot"):
+    if not replicates or len(set(replicates)) != len(replicates) or min(replicates) < 0:
+        raise ValueError(f"benchmark.replicates={b.replicates!r}: expected distinct non-negative integers")
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"benchmark.tasks={b.tasks!r}: expected distinct names of {sorted(OUTCOME_TASKS)}")
+    for task in tasks:
+        outcome_task(task)
+    for key in ("pretrain_epochs", "finetune_max_steps", "finetune_eval_steps", "finetune_patience",
+                "finetune_rows_per_batch", "max_val_patients", "n_boot"):  # fmt: skip
         if b[key] <= 0:
             raise ValueError(f"benchmark.{key} must be > 0, got {b[key]}")
+    if b.finetune_schedule not in ("constant", "cosine"):
+        raise ValueError(f"benchmark.finetune_schedule {b.finetune_schedule!r}: expected 'constant' or 'cosine'")
     validate_cohort_sizes(config)
-    plan = Plan(arms=arms, sizes=sizes, seeds=seeds)
+    plan = Plan(arms=arms, sizes=sizes, replicates=replicates, tasks=tasks)
     if config.med2vec.path and plan.needs("med2vec"):
         # Read it now: a missing file, an unknown format or a pickle without the opt-in fails before any work.
         read_code_vectors(config.med2vec.path, codes_path=config.med2vec.codes_path or None,
@@ -121,12 +127,13 @@ class Benchmark:
         # The cohorts are cheap to make and decide whether the grid fits: check before anything is written.
         self.pretrain_cohort = task_cohort(config, "mlm")
         self.finetune_cohort = task_cohort(config, "outcome")
-        if "outcome_p" not in self.finetune_cohort.labels:  # real data: no true risk, no oracle
+        if "outcome_p" not in self.finetune_cohort.labels:  # real data: no generator risk, no ceilings
             self.plan.arms = [a for a in self.plan.arms if a.kind != "oracle"]
-        eligible = outcome_labels(self.finetune_cohort)[1] & self.finetune_cohort.split_mask("train")
-        if max(self.plan.sizes) > int(eligible.sum()):
-            raise ValueError(f"benchmark.train_sizes: {max(self.plan.sizes)} exceeds the {int(eligible.sum())} "
-                             "training patients of the outcome task; raise finetune.num_patients")  # fmt: skip
+        for task in self.plan.tasks:
+            eligible = outcome_labels(self.finetune_cohort, task)[1] & self.finetune_cohort.split_mask("train")
+            if max(self.plan.sizes) > int(eligible.sum()):
+                raise ValueError(f"benchmark.train_sizes: {max(self.plan.sizes)} exceeds the {int(eligible.sum())} "
+                                 f"training patients of the {task} task; raise finetune.num_patients")  # fmt: skip
 
     def say(self, text: str) -> None:
         tqdm.write(f"[{time.perf_counter() - self.start:6.1f}s] {text}")
@@ -144,6 +151,10 @@ class Benchmark:
         if isinstance(result, dict) and "compile_s" in result:
             timing["compile_s"] = result.pop("compile_s")
         timing["train_s"] = result.pop("train_s", timing["wall_s"]) if isinstance(result, dict) else timing["wall_s"]
+        # Train and compile time are parts of the stage's wall time (a stage that reports none trains all of it
+        # except its compiles).
+        timing["compile_s"] = min(timing["compile_s"], timing["wall_s"])
+        timing["train_s"] = min(timing["train_s"], timing["wall_s"] - timing["compile_s"])
         self.manifest.record(name, {"timing": timing, "result": result})
         self.stages[name] = dict(timing, skipped=False)
         self.say(f"{name}: {timing['wall_s']:.1f}s")
@@ -230,47 +241,78 @@ class Benchmark:
         return ArmInputs(arm=arm, model_cfg=model_cfg, pretrained=pretrained, code_table=table,
                          trainable=arm.trainable, lora_cfg=arm_lora_config(arm, c.lora))  # fmt: skip
 
-    def finetune(self, data: TaskData) -> dict[str, Any]:
+    def task_cell(self, task: str) -> CellData:
+        """The task's data on the fine-tuning cohort, with the pre-training vocabulary, and its ceilings."""
+        spec = outcome_task(task)
+        data = make_task_data(self.finetune_cohort, "outcome", max_len=self.config.data.max_len, vocab=self.vocab,
+                              outcome=task)  # fmt: skip
+        labels = data.cohort.labels
+        risk = labels.get(spec.risk)
+        visible = labels.get(spec.visible_risk)
+        val = data.splits["val"][: self.config.benchmark.max_val_patients]
+        return CellData(task, data, None if risk is None else np.asarray(risk, np.float64),
+                        None if visible is None else np.asarray(visible, np.float64), val)  # fmt: skip
+
+    def finetune(self, cells: list[CellData]) -> dict[str, Any]:
         c, plan, b = self.config, self.plan, self.config.benchmark
         data_cfg = stage_config(c, **{"data.rows_per_batch": b.finetune_rows_per_batch}).data
-        corpus = to_device(data.corpus, data.labels)
-        cells = [(arm, size) for arm in plan.arms for size in plan.sizes]
-        runs, arm_params = [], {}
-        bar = tqdm(cells, desc="fine-tuning", unit="cell", disable=not self.progress, dynamic_ncols=True)
-        for arm, size in bar:
-            key = f"finetune/{arm.name}/n{size}"
+        optim_cfg = stage_config(c, **{"optim.schedule": b.finetune_schedule}).optim
+        runs, tuning, arm_params = [], [], {}
+        items = [(cell, arm, size) for cell in cells for arm in plan.arms
+                 for size in (plan.sizes if arm.kind != "oracle" else [0])]  # fmt: skip
+        bar = tqdm(items, desc="fine-tuning", unit="cell", disable=not self.progress, dynamic_ncols=True)
+        corpora: dict[str, Any] = {}
+        for cell, arm, size in bar:
+            key = f"finetune/{cell.name}/{arm.name}/n{size}"
             done = self.manifest.done(key)
             if done is not None:
                 self.say(f"{key}: done in an earlier run, skipped")
                 runs.extend(done["runs"])
+                if done.get("tuning"):
+                    tuning.append(done["tuning"])
                 arm_params.setdefault(arm.name, done.get("params"))
                 continue
-            if arm.kind == "logreg":
-                cell_runs, params = run_logreg_cell(data, size, out=self.out, arm=arm.name), None
+            cell_tuning = params = None
+            if arm.kind in ("logreg", "trees"):
+                cell_runs, cell_tuning = run_baseline_cell(arm.kind, cell, size, plan.replicates, out=self.out,
+                                                           arm=arm.name)  # fmt: skip
             elif arm.kind == "oracle":
-                cell_runs, params = run_oracle_cell(data, size, out=self.out, arm=arm.name), None
+                cell_runs = run_ceiling_cell(cell, out=self.out, arm=arm.name, visible=arm.ceiling == "visible")
             else:
-                self.programs.context = f"{arm.name}/n{size}"
-                cell_runs, params = run_neural_cell(
-                    self._arm_inputs(arm), data, size, plan.seeds, out=self.out, optim_cfg=c.optim,
-                    data_cfg=data_cfg, epochs=b.finetune_epochs, patience=b.finetune_patience,
-                    max_eval_patients=len(data.splits["val"]), corpus=corpus, programs=self.programs,
+                if cell.name not in corpora:
+                    corpora[cell.name] = to_device(cell.data.corpus, cell.data.labels)
+                self.programs.context = f"{cell.name}/{arm.name}/n{size}"
+                cell_runs, cell_tuning, params = run_neural_cell(
+                    self._arm_inputs(arm), cell, size, plan.replicates, arm.lr_grid, out=self.out,
+                    optim_cfg=optim_cfg, data_cfg=data_cfg, max_steps=b.finetune_max_steps,
+                    eval_steps=b.finetune_eval_steps, patience=b.finetune_patience, corpus=corpora[cell.name],
+                    programs=self.programs,
                 )  # fmt: skip
-            self.manifest.record(key, {"runs": cell_runs, "params": params})
+            self.manifest.record(key, {"runs": cell_runs, "params": params, "tuning": cell_tuning})
             runs.extend(cell_runs)
+            if cell_tuning:
+                tuning.append(cell_tuning)
             arm_params.setdefault(arm.name, params)
-            bar.set_postfix_str(f"{arm.name} n={size}")
-        return {"runs": runs, "params": arm_params, "compiles": self.programs.num_compiles,
+            bar.set_postfix_str(f"{cell.name} {arm.name} n={size}")
+        return {"runs": runs, "tuning": tuning, "params": arm_params, "compiles": self.programs.num_compiles,
                 "compile_log": [list(c) for c in self.programs.compiles]}
 
-    def probe(self, data: TaskData) -> dict[str, Any]:
+    def probe(self, cell: CellData) -> dict[str, Any]:
+        """A linear probe of the frozen MLM encoder on the first task, trained on as many patients as the
+        largest labelled set (the first of replicate 0's draw), tuned on the grid's validation patients."""
+        from ehrjax.benchmark.grid import replicate_rows
         from ehrjax.eval.probe import run_probe
 
-        run = self.runs["mlm"]
+        run, data = self.runs["mlm"], cell.data
+        train = replicate_rows(data.splits["train"], self.plan.replicates[0], max(self.plan.sizes))
+        data = dataclasses.replace(data, splits=dict(data.splits, train=train, val=cell.val))
         result = run_probe(run.model_cfg, run.params, data, self.config.data, self.config.seed,
                            n_boot=self.config.benchmark.n_boot)  # fmt: skip
         arms = {k: {"auroc": v["auroc"], "ci": [v["ci_low"], v["ci_high"]]} for k, v in result["arms"].items()}
-        return {"n_test": result["n"]["test"], **arms, "differences": result["differences"]}
+        differences = {k: {"mean": v["delta"], "ci": [v["ci_low"], v["ci_high"]]}
+                       for k, v in result["differences"].items()}  # fmt: skip
+        return {"task": cell.name, "n_train": int(result["n"]["train"]), "n_val": int(result["n"]["val"]),
+                "n_test": int(result["n"]["test"]), "arms": arms, "differences": differences}  # fmt: skip
 
     # the whole -----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -284,38 +326,72 @@ class Benchmark:
         med2vec = None
         if plan.needs("med2vec") or plan.needs("med2vec_mlm"):
             med2vec = self._timed("med2vec", self.med2vec)
+            med2vec["wall_s"] = self.stages["med2vec"]["wall_s"]
             self.med2vec_path = med2vec["path"]
             if plan.needs("med2vec_mlm"):
                 pre["med2vec_mlm"] = self._timed("pretrain_med2vec_mlm", lambda: self._pretrain(
                     "pretrain_med2vec_mlm", embeddings_from=self.med2vec_path, embed_dim=med2vec["dim"]))  # fmt: skip
                 self.runs["med2vec_mlm"] = load_pretrained_run(self.out / "pretrain_med2vec_mlm")
-        data = make_task_data(self.finetune_cohort, "outcome", max_len=c.data.max_len, vocab=self.vocab)
-        grid = self._timed("finetune", lambda: self.finetune(data))
-        probe = self._timed("probe", lambda: self.probe(data)) if c.benchmark.probe and "outcome_p" in \
-            data.cohort.labels else None  # fmt: skip
-        return self.summary(cohorts, pre, med2vec, grid, probe, data)
+        cells = [self.task_cell(task) for task in plan.tasks]
+        grid = self._timed("finetune", lambda: self.finetune(cells))
+        probe = None
+        if c.benchmark.probe and cells[0].risk is not None:
+            probe = self._timed("probe", lambda: self.probe(cells[0]))
+        return self.summary(cohorts, pre, med2vec, grid, probe, cells)
+
+    def roles(self) -> dict[str, Any]:
+        r = self.config.benchmark.roles
+        pairs = [p.split(":") for p in parse_list(r.table_pairs, "benchmark.roles.table_pairs")]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"benchmark.roles.table_pairs={r.table_pairs!r}: expected learned:third_party pairs")
+        ceilings = {a.name: {"column": "outcome_p_visible" if a.ceiling == "visible" else "outcome_p",
+                             "label": "risk given the visible record" if a.ceiling == "visible" else "true risk"}
+                    for a in self.plan.arms if a.kind == "oracle"}  # fmt: skip
+        return {"reference": r.reference, "pretrained_lora": r.pretrained_lora,
+                "baselines": parse_list(r.baselines, "benchmark.roles.baselines"), "table_pairs": pairs,
+                "trainable_contrast": r.trainable_contrast, "ceilings": ceilings}  # fmt: skip
 
     def summary(self, cohorts: dict, pre: dict, med2vec: dict | None, grid: dict, probe: dict | None,
-                data: TaskData) -> dict[str, Any]:  # fmt: skip
+                cells: list[CellData]) -> dict[str, Any]:  # fmt: skip
         c, plan = self.config, self.plan
         cohorts = copy.deepcopy(cohorts)
-        cohorts["finetune"]["splits"] = {k: len(v) for k, v in data.splits.items()}
-        cohorts["finetune"]["prevalence"] = float(data.labels[:, 0].mean())
+        tasks = []
+        for cell in cells:
+            data, y = cell.data, cell.data.labels[:, 0]
+            splits = dict(data.splits, val=cell.val)
+            n_test, positives = len(splits["test"]), int(y[splits["test"]].sum())
+            tasks.append({
+                "name": cell.name, "title": outcome_task(cell.name).title,
+                "splits": {k: len(v) for k, v in splits.items()},
+                "prevalence": {k: float(y[v].mean()) for k, v in splits.items()},
+                "sizing": {"target_half_width": float(c.benchmark.ci_half_width),
+                           "expected_half_width": auroc_half_width(0.75, positives, n_test - positives),
+                           "n_test": n_test, "n_test_positive": positives},
+            })  # fmt: skip
         arms = {}
         for arm in plan.arms:
             entry = {"description": arm.description, "kind": arm.kind, "code_table": arm.code_table,
                      "encoder": arm.encoder, "lora": arm.lora}  # fmt: skip
+            if arm.kind == "neural":
+                entry["tuning"] = {"param": "learning_rate", "grid": list(arm.lr_grid)}
             params = grid["params"].get(arm.name)
             if arm.kind == "neural" and params:
                 embed_dim = (med2vec["dim"] if (med2vec and arm.code_table == "med2vec") else c.model.embed_dim)
+                by_label = params.get("by_label", {})
+                trainable = set(params.get("trainable_labels", arm.trainable))
+                split = {"adapters": by_label.get("lora", 0) if "lora" in trainable else 0,
+                         "head": by_label.get("head", 0) if "head" in trainable else 0}
+                split["rest"] = int(params["trainable"]) - split["adapters"] - split["head"]
                 entry.update(trainable=list(arm.trainable), embed_dim=int(embed_dim), params_total=params["total"],
-                             params_trainable=params["trainable"], trainable_pct=params["trainable_pct"])  # fmt: skip
+                             params_trainable=params["trainable"], trainable_pct=params["trainable_pct"],
+                             params_split=split)  # fmt: skip
             arms[arm.name] = entry
         summary = {
             "name": c.name, "config": config_to_dict(c), "started": self.started,
             "wall_s": time.perf_counter() - self.start, "device": device_name(), "cuts": cuts_of(c),
-            "task": "outcome", "train_sizes": plan.sizes, "seeds": plan.seeds, "cohorts": cohorts,
-            "stages": self.stages, "pretraining": pre, "arms": arms, "runs": grid["runs"],
+            "tasks": tasks, "train_sizes": plan.sizes, "replicates": plan.replicates, "roles": self.roles(),
+            "cohorts": cohorts, "stages": self.stages, "pretraining": pre, "arms": arms, "runs": grid["runs"],
+            "tuning": grid["tuning"],
             "compiles": {"finetune": grid.get("compiles", 0), "finetune_log": grid.get("compile_log", [])},
         }  # fmt: skip
         if med2vec is not None:
@@ -323,6 +399,15 @@ class Benchmark:
         if probe is not None:
             summary["probe"] = probe
         return summary
+
+
+def auroc_half_width(auroc: float, positives: int, negatives: int) -> float:
+    """The 95% half-width of one AUROC on a test set of this make-up (Hanley & McNeil's standard error)."""
+    if positives <= 0 or negatives <= 0:
+        return float("nan")
+    q1, q2 = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
+    var = (auroc * (1 - auroc) + (positives - 1) * (q1 - auroc**2) + (negatives - 1) * (q2 - auroc**2))
+    return float(1.96 * np.sqrt(var / (positives * negatives)))
 
 
 def _check_same_config(manifest: Manifest, config: ml_collections.ConfigDict) -> None:

@@ -90,18 +90,20 @@ def make_task_data(
     vocab: Vocab | None = None,
     min_count: int = 1,
     train_size: int = 0,
+    outcome: str = "heart_failure",
 ) -> TaskData:
     """The task's data from a cohort: eligible patients, labels, vocabulary, tokenised corpus and splits.
 
     vocab: reuse a vocabulary (a fine-tuning run reuses its pre-training run's, so code ids line up with the
     pre-trained table); otherwise it is built on the labelled training patients (the first `train_size` of the
-    training split when set), so a small labelled set sees only its own patients' codes.
+    training split when set), so a small labelled set sees only its own patients' codes. outcome: which outcome
+    task (`ehrjax.data.labels.OUTCOME_TASKS`) the `outcome` labels come from.
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} unknown; expected one of {TASKS}")
     labels = label_space = None
     if task == "outcome":
-        y, eligible = outcome_labels(cohort)
+        y, eligible = outcome_labels(cohort, outcome)
         cohort = cohort.select(eligible)
         labels = y[eligible][:, None]
     if vocab is None:

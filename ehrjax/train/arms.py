@@ -22,7 +22,8 @@ import ml_collections
 
 from ehrjax.train.optimizer import PARTITIONS
 
-KINDS: tuple[str, ...] = ("neural", "logreg", "oracle")
+KINDS: tuple[str, ...] = ("neural", "logreg", "trees", "oracle")
+CEILINGS: tuple[str, ...] = ("true", "visible")
 TABLE_SOURCES: tuple[str, ...] = ("random", "mlm", "med2vec")
 ENCODER_SOURCES: tuple[str, ...] = ("random", "mlm", "med2vec_mlm")
 EVERYTHING: tuple[str, ...] = ("code_table", "embeddings", "encoder", "head")
@@ -39,6 +40,8 @@ class Arm:
     lora: bool = False
     lora_rank: int = 0  # 0: config.lora.rank
     lora_targets: tuple[str, ...] = ()  # (): config.lora.targets
+    lr_grid: tuple[float, ...] = ()  # the benchmark's learning-rate candidates (chosen per size on validation)
+    ceiling: str = "true"  # oracle arms: 'true' (the generator's risk) or 'visible' (given the record)
 
     @property
     def pretrained_run(self) -> str | None:
@@ -56,6 +59,14 @@ class Arm:
         return (self.trainable, self.lora, self.lora_rank, self.lora_targets)
 
 
+# Learning-rate candidates per arm family, each spanning 10x around the family's usual value: training from
+# scratch (and a random encoder on frozen embeddings) around 1e-3; LoRA adapters, which start at zero and move
+# a low-rank update, higher; full fine-tuning of a pre-trained model 10x lower, where large steps erase it.
+SCRATCH_LRS: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+LORA_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+FULL_FINETUNE_LRS: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
+
+
 def _arm(name: str, kind: str, description: str, **kw: Any) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.kind = kind
@@ -66,6 +77,8 @@ def _arm(name: str, kind: str, description: str, **kw: Any) -> ml_collections.Co
     c.lora = kw.get("lora", False)
     c.lora_rank = kw.get("lora_rank", 0)
     c.lora_targets = tuple(kw.get("lora_targets", ()))
+    c.lr_grid = tuple(float(x) for x in kw.get("lr_grid", SCRATCH_LRS))
+    c.ceiling = kw.get("ceiling", "true")
     return c
 
 
@@ -74,20 +87,26 @@ def default_arms() -> ml_collections.ConfigDict:
     emb_rest = ("embeddings", "encoder", "head")
     a = ml_collections.ConfigDict()
     a.logreg = _arm("logreg", "logreg", "bag-of-codes counts + age + sex, scikit-learn logistic regression")
+    a.trees = _arm("trees", "trees", "gradient-boosted trees on code counts, recency and first-seen times + age, "
+                   "sex, visit counts (scikit-learn)")  # fmt: skip
     a.scratch = _arm("scratch", "neural", "random table and encoder, everything trained")
     a.mlm_emb = _arm("mlm_emb", "neural", "MLM-learned table frozen, random encoder, the rest trained",
                      code_table="mlm", trainable=emb_rest)  # fmt: skip
     a.med2vec_emb = _arm("med2vec_emb", "neural", "Med2Vec table frozen, random encoder, the rest trained",
                          code_table="med2vec", trainable=emb_rest)  # fmt: skip
     a.mlm_lora = _arm("mlm_lora", "neural", "MLM-learned table and MLM encoder frozen; LoRA adapters + head",
-                      code_table="mlm", encoder="mlm", trainable=("lora", "head"), lora=True)  # fmt: skip
+                      code_table="mlm", encoder="mlm", trainable=("lora", "head"), lora=True,
+                      lr_grid=LORA_LRS)  # fmt: skip
     a.med2vec_lora = _arm("med2vec_lora", "neural",
                           "Med2Vec table frozen, encoder MLM-pre-trained on it, frozen; LoRA adapters + head",
                           code_table="med2vec", encoder="med2vec_mlm", trainable=("lora", "head"),
-                          lora=True)  # fmt: skip
+                          lora=True, lr_grid=LORA_LRS)  # fmt: skip
     a.mlm_full = _arm("mlm_full", "neural", "MLM pre-trained table and encoder, everything fine-tuned",
-                      code_table="mlm", encoder="mlm")  # fmt: skip
-    a.oracle = _arm("oracle", "oracle", "the generator's true risk (the ceiling)")
+                      code_table="mlm", encoder="mlm", lr_grid=FULL_FINETUNE_LRS)  # fmt: skip
+    a.oracle = _arm("oracle", "oracle", "the generator's true risk, hidden frailty included (no model is expected "
+                    "to reach it)")  # fmt: skip
+    a.oracle_visible = _arm("oracle_visible", "oracle", "the risk given what the record shows (the frailty "
+                            "integrated out): the realistic ceiling", ceiling="visible")  # fmt: skip
     return a
 
 
@@ -118,11 +137,17 @@ def arm_from_config(name: str, arms: ml_collections.ConfigDict) -> Arm:
         raise ValueError(f"{key}.trainable is empty; name some of {PARTITIONS}")
     if "lora" in trainable and not c.lora:
         raise ValueError(f"{key}.trainable names 'lora' but {key}.lora is False")
+    if c.kind == "oracle" and c.ceiling not in CEILINGS:
+        raise ValueError(f"{key}.ceiling {c.ceiling!r} unknown; expected one of {CEILINGS}")
+    lr_grid = tuple(float(x) for x in c.lr_grid)
+    if c.kind == "neural" and (not lr_grid or min(lr_grid) <= 0):
+        raise ValueError(f"{key}.lr_grid={list(lr_grid)}: expected positive learning rates")
     if c.lora and "lora" not in trainable:
         raise ValueError(f"{key}.lora is True but 'lora' is not in {key}.trainable: the adapters would stay at zero")
     return Arm(
         name=name, kind=c.kind, description=c.description, code_table=c.code_table, encoder=c.encoder,
         trainable=trainable, lora=bool(c.lora), lora_rank=int(c.lora_rank), lora_targets=tuple(c.lora_targets),
+        lr_grid=lr_grid, ceiling=c.ceiling,
     )  # fmt: skip
 
 

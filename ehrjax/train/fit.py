@@ -99,7 +99,8 @@ def evaluate(
         return metrics, {}
     patient = np.concatenate([o["patient_index"].reshape(-1) for o in outputs])
     num_labels = outputs[0]["logits"].shape[-1]
-    logits = np.concatenate([o["logits"].reshape(trainer.num_seeds, -1, num_labels) for o in outputs], axis=1)
+    num_members = outputs[0]["logits"].shape[0]
+    logits = np.concatenate([o["logits"].reshape(num_members, -1, num_labels) for o in outputs], axis=1)
     filled = patient >= 0
     patient, logits = patient[filled], logits[:, filled].astype(np.float64)
     order = np.argsort(patient)
@@ -107,7 +108,7 @@ def evaluate(
     probability = 1.0 / (1.0 + np.exp(-logits))
     labels = trainer.data.labels[patient]
     metrics = []
-    for s in range(trainer.num_seeds):
+    for s in range(logits.shape[0]):
         if trainer.task == "outcome":
             m = binary_metrics(labels[:, 0], logits[s, :, 0])  # ranks on logits: no ties from saturation
         else:
@@ -141,11 +142,14 @@ def fit(
     checkpoint_meta: dict[str, Any] | None = None,
     resume: bool = False,
     progress: bool = False,
+    eval_every: int = 1,
 ) -> FitResult:
     """Train every seed of `trainer` for its epochs with early stopping on the validation `metric`.
 
     checkpoints: `latest` every `checkpoint_every` steps and at every epoch end, `best` when a seed improves
-    (the stacked best parameters); `resume` continues from `latest`. checkpoint_meta: extra JSON saved with
+    (the stacked best parameters); `resume` continues from `latest`. eval_every: evaluate (and count patience)
+    every that many epochs and after the last one, so a small labelled set with short epochs is not scored
+    after every few steps. checkpoint_meta: extra JSON saved with
     every checkpoint (the run's config). Raises TrainingDiverged at the first step whose loss or trainable
     gradient norm is not finite (the update is skipped; the last good checkpoint stays).
     """
@@ -224,7 +228,8 @@ def fit(
                 epoch_weights[:] = 0.0
             for k in range(first, plan.num_batches):
                 row_len, patient, cls = plan.batch(k)
-                state, sums = trainer.train_step(row_len)(state, trainer.corpus, patient, cls, keys, active)
+                step_active = active if plan.present[k].all() else active & jnp.asarray(plan.present[k])
+                state, sums = trainer.train_step(row_len)(state, trainer.corpus, patient, cls, keys, step_active)
                 pending.append(sums)
                 done = epoch * steps_per_epoch + k + 1
                 if done % log_every == 0:
@@ -236,6 +241,13 @@ def fit(
                     checkpoints.save_latest(done, state, dict(meta, **(checkpoint_meta or {})))
             done = (epoch + 1) * steps_per_epoch
             flush(done)
+            if (epoch + 1) % eval_every and epoch + 1 < trainer.epochs:
+                epoch += 1
+                meta.update(epoch=epoch, batch=0)
+                if checkpoints is not None:
+                    checkpoints.save_latest(done, state, dict(meta, **(checkpoint_meta or {})))
+                continue
+            member_steps = [int(x) for x in jax.device_get(state["step"])]
             t0 = time.perf_counter()
             val_metrics, _ = evaluate(trainer, state["params"], trainer.val_batcher)
             eval_time += time.perf_counter() - t0
@@ -251,7 +263,8 @@ def fit(
                     meta["bad_epochs"][s] += 1
                 meta["epochs_run"][s] = epoch + 1
                 train_loss = float(epoch_losses[s] / max(epoch_weights[s], 1.0))
-                meta["history"][s].append({"epoch": epoch, "train_loss": train_loss,
+                meta["history"][s].append({"epoch": epoch, "step": member_steps[s], "train_seconds": train_time,
+                                           "train_loss": train_loss,
                                            **{f"val_{k}": v for k, v in val_metrics[s].items()}})  # fmt: skip
                 meta["stopped"][s] = meta["bad_epochs"][s] >= patience
             if any(better):

@@ -96,11 +96,14 @@ def stacked_where(mask: jax.Array, new: Any, old: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class SeedPlan:
-    """One epoch of S seeds: per shape group (row_len, patient_index int32[nb, S, rows, slots], cls_index) and
-    `order` int32[num_batches, 2] = (group, batch in group)."""
+    """One epoch of S members: per shape group (row_len, patient_index int32[nb, S, rows, slots], cls_index),
+    `order` int32[num_batches, 2] = (group, batch in group) and `present` bool[num_batches, S]: whether the
+    batch is one of the member's own (members with fewer batches, e.g. another labelled subset, get empty
+    padding batches at the end of a group and sit them out)."""
 
     groups: list[tuple[int, jax.Array, jax.Array]]
     order: np.ndarray
+    present: np.ndarray
 
     @property
     def num_batches(self) -> int:
@@ -144,7 +147,8 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.train_batchers[0].num_batches
+        """Batches of a stacked epoch: per shape, the most any member has."""
+        return steps_per_epoch(self.train_batchers)
 
     @property
     def task(self) -> str:
@@ -155,22 +159,42 @@ class Trainer:
         return jnp.stack([jax.random.key(s) for s in self.seeds])
 
     def stacked_plan(self, epoch: int) -> SeedPlan:
-        """Every seed's plan of epoch `epoch`, stacked. Each seed keeps its own data order: its batches of a
-        shape come in its own sequence. Seeds share only the sequence of batch shapes (the first seed's; there
-        is one shape in `pack` and `pad_max`), so a seed trained alone sees exactly the same batches."""
+        """Every member's plan of epoch `epoch`, stacked. Each member keeps its own data order: its batches of
+        a shape come in its own sequence. Members share the sequence of batch shapes (the first member's, then
+        the extra batches other members have); a member with fewer batches of a shape gets empty batches
+        (`present` False) there, so a member trained alone sees exactly the same batches."""
         plans = [b.plan_epoch(epoch) for b in self.train_batchers]
-        shapes = plans[0].order[:, 0]
-        occurrence = np.zeros(len(shapes), dtype=np.int32)
-        for g in np.unique(shapes):
-            where = shapes == g
+        shapes = sorted({g.shape for p in plans for g in p.groups}, key=lambda s: s[1])
+        counts = np.zeros((len(plans), len(shapes)), dtype=np.int64)
+        for m, p in enumerate(plans):
+            for g in p.groups:
+                counts[m, shapes.index(g.shape)] = g.num_batches
+        most = counts.max(axis=0)
+        first = plans[0]
+        sequence = [shapes.index(first.groups[g].shape) for g in first.order[:, 0]]
+        for g, n in enumerate(most):
+            sequence += [g] * int(n - counts[0, g])
+        sequence = np.asarray(sequence, dtype=np.int32)
+        occurrence = np.zeros(len(sequence), dtype=np.int32)
+        for g in range(len(shapes)):
+            where = sequence == g
             occurrence[where] = np.arange(int(where.sum()), dtype=np.int32)
         groups = []
-        for g in range(len(plans[0].groups)):
-            sequences = [jnp.asarray(p.order[p.order[:, 0] == g, 1]) for p in plans]  # each seed's own order
-            patient = jnp.stack([p.groups[g].patient_index[j] for p, j in zip(plans, sequences, strict=True)], 1)
-            cls = jnp.stack([p.groups[g].cls_index[j] for p, j in zip(plans, sequences, strict=True)], 1)
-            groups.append((plans[0].groups[g].row_len, patient, cls))
-        return SeedPlan(groups=groups, order=np.stack([shapes, occurrence], axis=1))
+        for g, (rows, row_len) in enumerate(shapes):
+            patient, cls = [], []
+            for p in plans:
+                own = [i for i, h in enumerate(p.groups) if h.shape == (rows, row_len)]
+                if own:
+                    order = jnp.asarray(p.order[p.order[:, 0] == own[0], 1])
+                    pi, ci = p.groups[own[0]].patient_index[order], p.groups[own[0]].cls_index[order]
+                else:
+                    pi = ci = jnp.zeros((0, rows, self.train_batchers[0].slots), jnp.int32)
+                pad = int(most[g]) - pi.shape[0]
+                patient.append(jnp.concatenate([pi, jnp.full((pad, *pi.shape[1:]), -1, pi.dtype)]))
+                cls.append(jnp.concatenate([ci, jnp.zeros((pad, *ci.shape[1:]), ci.dtype)]))
+            groups.append((row_len, jnp.stack(patient, 1), jnp.stack(cls, 1)))
+        present = occurrence[:, None] < counts[:, sequence].T
+        return SeedPlan(groups=groups, order=np.stack([sequence, occurrence], axis=1), present=present)
 
     def train_step(self, row_len: int) -> Callable:
         return self._train[row_len]
@@ -183,6 +207,21 @@ class Trainer:
             "mlm_targets", (self.step_cfg, row_len, self.mesh),
             lambda: make_mlm_targets_step(self.step_cfg, row_len, self.mesh),
         )  # fmt: skip
+
+
+def _with_rate(optim_cfg: Any, rate: float) -> Any:
+    out = ml_collections.ConfigDict(optim_cfg.to_dict())
+    out.learning_rate = rate
+    return out
+
+
+def steps_per_epoch(batchers: Sequence[DeviceBatcher]) -> int:
+    """Batches of one stacked epoch over `batchers` (per shape, the most any batcher has)."""
+    most: dict[tuple[int, int], int] = {}
+    for b in batchers:
+        for shape, n in zip(b.shapes, b.group_batches, strict=True):
+            most[shape] = max(most.get(shape, 0), n)
+    return sum(most.values())
 
 
 def _batcher(
@@ -229,6 +268,8 @@ def build_trainer(
     mesh: Mesh | None = None,
     corpus: DeviceCorpus | None = None,
     programs: ProgramCache | None = None,
+    train_patients: Sequence[np.ndarray] | None = None,
+    learning_rates: Sequence[float] | None = None,
 ) -> Trainer:
     """A trainer for `data` (train split = the labelled set; val capped at `max_eval_patients`).
 
@@ -238,13 +279,18 @@ def build_trainer(
     """
     programs = programs if programs is not None else PROGRAMS
     seeds = tuple(int(s) for s in seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and non-empty, got {list(seeds)}")
+    rates = [float(optim_cfg.learning_rate)] * len(seeds) if learning_rates is None else list(learning_rates)
+    patients = [data.splits["train"]] * len(seeds) if train_patients is None else list(train_patients)
+    if len(rates) != len(seeds) or len(patients) != len(seeds):
+        raise ValueError(f"learning_rates and train_patients need one entry per member ({len(seeds)})")
+    if not seeds or len(set(zip(seeds, rates, strict=True))) != len(seeds):
+        raise ValueError(f"members (seed, learning rate) must be distinct and non-empty, got {list(seeds)}")
     if epochs <= 0:
         raise ValueError(f"train.epochs must be > 0, got {epochs}")
     trainable = tuple(trainable)
-    built = [init_seed_params(model_cfg, data, s, lora_cfg=lora_cfg, pretrained=pretrained, code_table=code_table)
-             for s in seeds]  # fmt: skip
+    by_seed = {s: init_seed_params(model_cfg, data, s, lora_cfg=lora_cfg, pretrained=pretrained,
+                                   code_table=code_table) for s in dict.fromkeys(seeds)}  # fmt: skip
+    built = [by_seed[s] for s in seeds]  # members of one seed (learning-rate candidates) start alike
     graphdef, _, rest, loaded = built[0]
     params = stack([b[1] for b in built])
     per_seed = built[0][1]
@@ -255,12 +301,13 @@ def build_trainer(
     if corpus is None:
         corpus = to_device(data.corpus, data.labels, mesh)
     train_batchers = [
-        _batcher(data_cfg, data, data.splits["train"], s, mesh, corpus) for s in seeds
+        _batcher(data_cfg, data, rows, s, mesh, corpus) for s, rows in zip(seeds, patients, strict=True)
     ]
     val_batcher = _batcher(data_cfg, data, data.splits["val"][:max_eval_patients], seeds[0], mesh, corpus)
     test_batcher = _batcher(data_cfg, data, data.splits["test"], seeds[0], mesh, corpus)
-    total_steps = epochs * train_batchers[0].num_batches
-    schedule = stack([schedule_arrays(optim_cfg, total_steps)] * len(seeds))
+    # Each member's schedule counts its own steps (a member on a smaller labelled set takes fewer per epoch).
+    schedule = stack([schedule_arrays(_with_rate(optim_cfg, r), epochs * b.num_batches)
+                      for r, b in zip(rates, train_batchers, strict=True)])  # fmt: skip
     opt_state = jax.vmap(tx.init)(params)
     state = {"params": params, "opt_state": opt_state, "step": jnp.zeros(len(seeds), jnp.int32),
              "schedule": schedule}  # fmt: skip

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# Small enough for CI: one pre-training epoch, three fine-tuning epochs, two seeds, two sizes.
-QUICK = ("--config.benchmark.train_sizes=100,300", "--config.benchmark.seeds=0,1",
-         "--config.benchmark.pretrain_epochs=1", "--config.benchmark.finetune_epochs=3",
+# Small enough for CI: one pre-training epoch, a short fine-tuning budget, two replicates, two sizes, both tasks,
+# the arms of every kind (neural, logistic regression, trees, both ceilings).
+QUICK = ("--config.benchmark.train_sizes=100,300", "--config.benchmark.replicates=0,1",
+         "--config.benchmark.pretrain_epochs=1", "--config.benchmark.finetune_max_steps=24",
+         "--config.benchmark.arms=logreg,trees,scratch,mlm_lora,med2vec_lora,mlm_full,oracle,oracle_visible",
          "--config.benchmark.n_boot=100", "--config.finetune.num_patients=3000",
          "--config.train.progress=False")  # fmt: skip
 
@@ -70,26 +72,41 @@ def test_smoke_benchmark_writes_a_sane_report(smoke_run):
                  "pretrain_mlm/metrics.jsonl", "pretrain_med2vec_mlm/export/code_embeddings.npz"):  # fmt: skip
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    rows = summary["stats"]["rows"]
-    assert {r["arm"] for r in rows} == set(summary["config"]["benchmark"]["arms"].split(","))
-    for row in rows:
-        lo, hi = row["auroc_ci"]
-        assert 0.0 <= lo <= row["auroc"] <= hi <= 1.0, row
-    by = {(r["arm"], r["size"]): r["auroc"] for r in rows}
-    oracle_hi = {r["size"]: r["auroc_ci"][1] for r in rows if r["arm"] == "oracle"}
-    for row in rows:  # leakage canary: no model beats the true risk beyond the noise of the test set
-        assert row["auroc"] <= oracle_hi[row["size"]], row
-    for size in (100, 300):
-        assert by[("oracle", size)] >= by[("logreg", size)]
-        assert by[("scratch", size)] > 0.55
+    tasks = summary["stats"]["tasks"]
+    assert [t["name"] for t in tasks] == ["heart_failure", "renal_decline"]
+    arms = set(summary["config"]["benchmark"]["arms"].split(",")) - {"oracle", "oracle_visible"}
+    for task in tasks:
+        rows = task["rows"]
+        assert {r["arm"] for r in rows} == arms
+        for row in rows:
+            for metric in ("auroc", "ap", "pr_auc", "brier"):
+                lo, hi = row[f"{metric}_ci"]
+                assert 0.0 <= lo <= row[metric] <= hi <= 1.0, (metric, row)
+        true_hi = task["ceilings"]["outcome_p"]["auroc_ci"][1]
+        for row in rows:  # leakage canary: no model beats the true risk beyond the noise of the test set
+            assert row["auroc"] <= true_hi, row
+        by = {(r["arm"], r["size"]): r["auroc"] for r in rows}
+        for size in (100, 300):
+            assert task["ceilings"]["outcome_p_visible"]["auroc"] >= by[("logreg", size)] - 0.05
+        assert not task["above_true_risk"]
     mlm = summary["pretraining"]["mlm"]
     assert mlm["test"]["loss"] > 0 and {"unigram", "copy"} <= set(mlm["baselines"])
-    assert "Med2Vec" in (out / "report.md").read_text() and "AUROC" in stdout
+    report_md = (out / "report.md").read_text()
+    assert "Med2Vec" in report_md and "AUROC" in stdout and "—" not in report_md
     # every fine-tuning run left predictions whose AUROC the report recomputes from the file
     runs = [r for r in summary["runs"] if r["arm"] == "scratch"]
-    assert len(runs) == 4 and all((out / r["predictions"]).is_file() for r in runs)
-    # one compile per distinct program: scratch = mlm_full, mlm_emb = med2vec_emb, mlm_lora = med2vec_lora
-    assert summary["compiles"]["finetune"] <= 2 * 3
+    assert len(runs) == 2 * 2 * 2 and all((out / r["predictions"]).is_file() for r in runs)
+    # a learning rate was chosen from the arm's grid per task and size
+    tuning = [t for t in summary["tuning"] if t["arm"] == "mlm_lora"]
+    assert len(tuning) == 4 and all(t["chosen"] in t["candidates"] and len(t["candidates"]) >= 3 for t in tuning)
+    # replicates draw different labelled sets, nested over sizes
+    from ehrjax.benchmark.grid import replicate_rows
+
+    pool = np.arange(1000)
+    assert set(replicate_rows(pool, 0, 100)) <= set(replicate_rows(pool, 0, 300))
+    assert set(replicate_rows(pool, 0, 100)) != set(replicate_rows(pool, 1, 100))
+    # one compile per distinct program and shape, whatever the size, task or learning rate
+    assert summary["compiles"]["finetune"] <= 3 * 4
 
 
 def test_cohort_manifest_compares_prefixes(smoke_run, tmp_path):
@@ -110,7 +127,7 @@ def test_sigkill_then_resume_gives_the_same_summary(smoke_run, tmp_path):
            f"--config.output_dir={out}"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 900
-    while time.time() < deadline and not list((out / "runs").glob("*/n100/seed0/predictions.npz")):
+    while time.time() < deadline and not list((out / "runs").glob("*/*/n100/rep0/predictions.npz")):
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -118,8 +135,8 @@ def test_sigkill_then_resume_gives_the_same_summary(smoke_run, tmp_path):
     resumed = run_benchmark(*QUICK, f"--config.resume={out}")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "skipped" in resumed.stdout + resumed.stderr
-    a = json.loads((reference / "summary.json").read_text())["stats"]["rows"]
-    b = json.loads((out / "summary.json").read_text())["stats"]["rows"]
+    a = [r for t in json.loads((reference / "summary.json").read_text())["stats"]["tasks"] for r in t["rows"]]
+    b = [r for t in json.loads((out / "summary.json").read_text())["stats"]["tasks"] for r in t["rows"]]
     assert [(r["arm"], r["size"], r["auroc"]) for r in a] == [(r["arm"], r["size"], r["auroc"]) for r in b]
 
 

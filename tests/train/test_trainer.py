@@ -100,3 +100,30 @@ def test_task_data_sizes_are_nested_prefixes_and_the_vocabulary_is_the_labelled_
     expected = {own.cohort.code_names[i] for i in train_codes}
     assert set(own.vocab.codes[5:]) == expected  # built from the 50 labelled patients only
     assert len(own.vocab) < len(data.vocab)
+
+
+def test_members_with_their_own_labelled_sets_and_rates_match_training_alone(outcome):
+    """Members of one vmapped program may train on different labelled sets (so with different batch counts:
+    the shorter sit out padding batches) and at different learning rates; each equals its run alone."""
+    config, data = outcome
+    train = data.splits["train"]
+    subsets = [train[:150], train[200:260], train[:150]]
+    rates = [1e-3, 1e-3, 3e-3]
+    seeds = (0, 1, 0)
+
+    def build(idx):
+        return build_trainer(data, model_cfg=config.model, optim_cfg=config.optim, data_cfg=config.data,
+                             trainable=EVERYTHING, seeds=[seeds[i] for i in idx], epochs=2, max_eval_patients=200,
+                             train_patients=[subsets[i] for i in idx], learning_rates=[rates[i] for i in idx])
+
+    together = build([0, 1, 2])
+    assert together.stacked_plan(0).present.sum(axis=0).tolist() == [
+        b.num_batches for b in together.train_batchers]
+    result = fit(together, patience=5)
+    assert result.steps[1] < result.steps[0]  # the small set took fewer steps
+    for index in range(3):
+        alone = fit(build([index]), patience=5)
+        assert result.steps[index] == alone.steps[0]
+        for a, b in zip(result.history[index], alone.history[0], strict=True):
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    assert result.history[0] != result.history[2]  # the learning rate is the member's own
