@@ -63,7 +63,7 @@ fi
 EXTRA=()
 [[ $DRY_RUN -eq 1 ]] && EXTRA+=(--dry-run)
 set +e
-"$PYTHON" benchmarks/gpu_check.py "${EXTRA[@]}" ${PASS[@]+"${PASS[@]}"} --out "$OUT_DIR" --install "$INSTALL" \
+"$PYTHON" benchmarks/gpu_check.py ${EXTRA[@]+"${EXTRA[@]}"} ${PASS[@]+"${PASS[@]}"} --out "$OUT_DIR" --install "$INSTALL" \
   2>&1 | tee "$OUT_DIR/gpu_check.log"
 STATUS=${PIPESTATUS[0]}
 set -e
