@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import log_loss, roc_auc_score
+from threadpoolctl import threadpool_limits
 
 from ehrjax.data.cohort import Cohort, ragged_index
 from ehrjax.data.tokenize import TokenizedCorpus
@@ -171,7 +172,8 @@ def tabular_features(corpus: TokenizedCorpus, cohort: Cohort, patients: np.ndarr
 class TreesFit:
     """A fitted classifier and how it was chosen: `params` (the full settings: `TREE_BASE_PARAMS` updated by the
     chosen candidate) with the lowest validation log loss `val_log_loss` (its validation AUROC: `val_auroc`);
-    `candidates` and `val_log_losses` are the grid, in order, and each candidate's validation log loss."""
+    `candidates` and `val_log_losses` are the grid, in order, and each candidate's validation log loss;
+    `n_threads` the OpenMP cap of the fits and of `predict_proba`."""
 
     model: HistGradientBoostingClassifier
     params: dict[str, Any]
@@ -179,10 +181,12 @@ class TreesFit:
     val_auroc: float
     candidates: tuple[dict[str, Any], ...]
     val_log_losses: tuple[float, ...]
+    n_threads: int | None = None
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """float64[n] probability of the positive class."""
-        return self.model.predict_proba(x)[:, 1]
+        """float64[n] probability of the positive class (with the fit's `n_threads` cap)."""
+        with threadpool_limits(limits=self.n_threads, user_api="openmp"):
+            return self.model.predict_proba(x)[:, 1]
 
 
 def fit_trees(
@@ -191,10 +195,17 @@ def fit_trees(
     x_val: np.ndarray,
     y_val: np.ndarray,
     grid: Sequence[Mapping[str, Any]] = DEFAULT_TREE_GRID,
+    *,
+    n_threads: int | None = None,
 ) -> TreesFit:
     """`HistGradientBoostingClassifier(**TREE_BASE_PARAMS, **candidate)` on (x_train, y_train) for each
     candidate of `grid`; keep the lowest validation log loss (ties: the earlier candidate). x: float[n, d]
-    dense, NaN for missing; y: {0,1}[n]."""
+    dense, NaN for missing; y: {0,1}[n].
+
+    `n_threads` caps the OpenMP threads of the fits (None: scikit-learn's default, one per core). On a machine
+    whose cores other processes keep busy, 1 can be far faster: the boosting's threads wait for each other at
+    every split (tests/eval/test_trees.py's recency test on the shared 2-core machine: 0.2 s with 1 thread, 22 s
+    with 2). The returned fit's `predict_proba` keeps the cap."""
     y_train, y_val = check_binary(y_train, "y_train"), check_binary(y_val, "y_val")
     if x_train.shape[0] != len(y_train) or x_val.shape[0] != len(y_val):
         raise ValueError(
@@ -207,11 +218,13 @@ def fit_trees(
     losses = []
     for candidate in grid:
         params = {**TREE_BASE_PARAMS, **candidate}
-        model = HistGradientBoostingClassifier(**params).fit(x_train, y_train)
-        p = model.predict_proba(x_val)[:, 1]
+        with threadpool_limits(limits=n_threads, user_api="openmp"):
+            model = HistGradientBoostingClassifier(**params).fit(x_train, y_train)
+            p = model.predict_proba(x_val)[:, 1]
         losses.append(float(log_loss(y_val, p, labels=[0, 1])))
         if best is None or losses[-1] < best[0]:
             best = (losses[-1], model, params, p)
     assert best is not None
     loss, model, params, p = best
-    return TreesFit(model, params, loss, float(roc_auc_score(y_val, p)), tuple(dict(c) for c in grid), tuple(losses))
+    candidates = tuple(dict(c) for c in grid)
+    return TreesFit(model, params, loss, float(roc_auc_score(y_val, p)), candidates, tuple(losses), n_threads)

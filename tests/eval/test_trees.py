@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import log_loss, roc_auc_score
+from threadpoolctl import threadpool_limits
 
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.tokenize import tokenize
@@ -127,11 +128,12 @@ def test_fit_trees_keeps_the_lowest_validation_log_loss():
         {"max_iter": 30, "max_leaf_nodes": 7},
         {"max_iter": 30, "max_leaf_nodes": 31, "learning_rate": 1.0, "min_samples_leaf": 1},
     )
-    fit = fit_trees(x_tr, y_tr, x_va, y_va, grid=grid)
+    fit = fit_trees(x_tr, y_tr, x_va, y_va, grid=grid, n_threads=1)
     refit = []
     for candidate in grid:
-        model = HistGradientBoostingClassifier(**{**TREE_BASE_PARAMS, **candidate}).fit(x_tr, y_tr)
-        refit.append(log_loss(y_va, model.predict_proba(x_va)[:, 1]))
+        with threadpool_limits(limits=1, user_api="openmp"):  # the shared test machine (see fit_trees)
+            model = HistGradientBoostingClassifier(**{**TREE_BASE_PARAMS, **candidate}).fit(x_tr, y_tr)
+            refit.append(log_loss(y_va, model.predict_proba(x_va)[:, 1]))
     np.testing.assert_allclose(fit.val_log_losses, refit)
     assert int(np.argmin(refit)) == 1 and min(refit[0], refit[2]) > refit[1] + 0.05
     assert fit.params == {**TREE_BASE_PARAMS, **grid[1]} and fit.candidates == grid
@@ -142,7 +144,8 @@ def test_fit_trees_keeps_the_lowest_validation_log_loss():
 def test_fit_trees_breaks_ties_towards_the_earlier_candidate():
     (x_tr, y_tr), (x_va, y_va) = noisy_threshold(200, 0), noisy_threshold(100, 1)
     # Without early stopping or subsampling random_state changes nothing: equal losses.
-    fit = fit_trees(x_tr, y_tr, x_va, y_va, grid=({"max_iter": 20}, {"max_iter": 20, "random_state": 1}))
+    grid = ({"max_iter": 20}, {"max_iter": 20, "random_state": 1})
+    fit = fit_trees(x_tr, y_tr, x_va, y_va, grid=grid, n_threads=1)
     assert fit.val_log_losses[0] == fit.val_log_losses[1] and fit.params["random_state"] == 0
 
 
@@ -181,7 +184,7 @@ def test_trees_with_recency_beat_logreg_on_counts():
     train, val, test = np.arange(500), np.arange(500, 700), np.arange(700, 900)
     codes = frequent_codes(corpus, train)
     x = tabular_features(corpus, cohort, np.arange(900), codes)
-    trees = fit_trees(x[train], y[train], x[val], y[val], grid=({"max_leaf_nodes": 7, "max_iter": 100},))
+    trees = fit_trees(x[train], y[train], x[val], y[val], grid=({"max_leaf_nodes": 7, "max_iter": 100},), n_threads=1)
     bag = bag_of_codes_features(corpus, np.arange(900), len(vocab), sex=cohort.sex)
     logreg = fit_logreg(bag[train], y[train], bag[val], y[val])
     auroc_trees = roc_auc_score(y[test], trees.predict_proba(x[test]))
