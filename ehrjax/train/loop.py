@@ -116,7 +116,10 @@ def validate_settings(config: ml_collections.ConfigDict) -> None:
     from ehrjax.models.behrt import validate_lora_dims, validate_model_config
 
     validate_model_config(config.model)
-    validate_lora_dims(config.lora, config.model)
+    if config.task != "mlm":  # adapters only where the arm has them
+        lora_cfg = arm_lora_config(arm_from_config(config.arm, config.arms), config.lora)
+        if lora_cfg is not None:
+            validate_lora_dims(lora_cfg, config.model)
     o = config.optim
     checks = {
         "learning_rate": (o.learning_rate, 0 < o.learning_rate < float("inf"), "> 0 and finite"),
@@ -129,6 +132,10 @@ def validate_settings(config: ml_collections.ConfigDict) -> None:
     for key, (value, ok, expected) in checks.items():
         if not ok:
             raise ValueError(f"optim.{key} must be {expected}, got {value!r}")
+    from ehrjax.train.optimizer import SCHEDULES
+
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule {o.schedule!r} unknown; expected one of {SCHEDULES}")
     d = config.data
     if not 0 < d.mask_prob < 1:
         raise ValueError(f"data.mask_prob must be in (0, 1), got {d.mask_prob!r}")

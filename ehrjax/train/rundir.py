@@ -213,16 +213,26 @@ class RunLog:
                     "train.tensorboard=True needs tensorboardX: pip install 'ehrjax[tensorboard]'"
                 ) from err
             self._tb = SummaryWriter(str(self.path.parent / "tensorboard"))
+        # The log is read (a bad line fails now) but rewritten only at the first record, so a run that fails
+        # before logging anything (a checkpoint that does not restore) leaves the file as it was.
+        self._pending: str | None = None
         if resume_step is not None and self.path.is_file():
             kept = [r for r in read_jsonl(self.path) if _step(r) <= resume_step]
-            write_text(self.path, "".join(json.dumps(r, default=json_default) + "\n" for r in kept))
+            self._pending = "".join(json.dumps(r, default=json_default) + "\n" for r in kept)
         elif resume_step is None:
-            self.path.unlink(missing_ok=True)
+            self._pending = ""
+
+    def _start(self) -> None:
+        if self._pending is not None:
+            if self._pending or self.path.exists():
+                write_text(self.path, self._pending)
+            self._pending = None
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record as one line (one `write`)."""
         if not self.writer:
             return
+        self._start()
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, default=json_default) + "\n")
         if self._tb is not None and record.get("event") in ("train", "eval"):
