@@ -41,10 +41,10 @@ def check_run_folder(path: str | os.PathLike, *, label: str = "pre-trained run",
         if not (path / name).is_file():
             raise ValueError(f"{label} {path}: no {name}; not an ehrjax run directory")
     config = read_json(path / "config.json", f"{label} {path}: config file")
+    if isinstance(config, dict) and task is not None and config.get("task") != task:
+        raise ValueError(f"{label} {path}: a run of task {config.get('task')}, expected {task}")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ValueError(f"{label} {path}: config.json is not a run config (a JSON object with a 'model' section)")
-    if task is not None and config.get("task") != task:
-        raise ValueError(f"{label} {path}: a run of task {config.get('task')}, expected {task}")
     if not (path / "checkpoints").is_dir():
         raise ValueError(f"{label} {path}: no checkpoints/ folder")
     return config
