@@ -589,6 +589,22 @@ def test_killed_atomic_write_leaves_a_temp_file_the_next_write_removes(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.txt"]
 
 
+def test_a_killed_meds_write_leaves_no_folder_behind_the_next_one(tmp_path):
+    pytest.importorskip("meds")
+    from ehrjax.data.meds import write_meds
+    from ehrjax.data.synthetic import generate_cohort
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".m.{dead.pid}.tmp"
+    (stale / "data").mkdir(parents=True)
+    (stale / "data" / "000000.parquet").write_text("half")
+    live = tmp_path / f".m.{os.getppid()}.tmp"
+    live.mkdir()
+    write_meds(generate_cohort(20, 0, "pretrain", 10), tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name])
+
+
 def test_a_live_writers_temp_file_is_kept(tmp_path):
     live = tmp_path / f".x.npz.tmp-{os.getppid()}-0a0b0c0d.npz"
     live.write_text("in progress")
