@@ -16,6 +16,16 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+def error_line(err: BaseException) -> str:
+    """The one line a CLI prints for an error: an OSError as `PATH: reason` (a read-only folder, a full disk,
+    a file where a folder should be), anything else as `one_line`."""
+    if isinstance(err, OSError) and not isinstance(err, ValueError):
+        from ehrjax.atomic import os_error_line
+
+        return one_line(ValueError(os_error_line(err)))
+    return one_line(err)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """`app.run(..., flags_parser=parse_flags)`: an unknown `--config.key`, a bad value or a missing config file
     prints one line and exits 2 instead of a traceback."""

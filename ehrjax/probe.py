@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ehrjax.cli import one_line, parse_flags
+from ehrjax.cli import error_line, one_line, parse_flags
 
 _FLAGS: dict[str, Any] = {}
 
@@ -47,6 +47,14 @@ def main(argv: list[str]) -> int:
     if not Path(config.init_from).is_dir():  # before importing JAX: a typo fails fast
         print(f"error: init_from {config.init_from}: not a directory", file=sys.stderr)
         return 2
+    from ehrjax.atomic import check_folder_writable
+
+    try:  # where probe.json goes, before minutes of work
+        if config.output_dir:
+            check_folder_writable(config.output_dir, "output_dir")
+    except ValueError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     from ehrjax.data.tasks import build_task_data
     from ehrjax.eval.probe import format_table, load_pretrained_run, run_probe, write_json
 
@@ -54,8 +62,8 @@ def main(argv: list[str]) -> int:
         model_cfg, vocab, params = load_pretrained_run(config.init_from)
         data = build_task_data(config, "outcome", vocab=vocab)
         result = run_probe(model_cfg, params, data, config.data, config.seed)
-    except ValueError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     result = {"init_from": str(Path(config.init_from).absolute()), "config": config.name, **result}
     print(format_table(result))
@@ -64,7 +72,8 @@ def main(argv: list[str]) -> int:
         try:
             write_json(path, result)
         except OSError as err:
-            print(f"error: output_dir {config.output_dir}: cannot write probe.json ({one_line(err)})", file=sys.stderr)
+            print(f"error: output_dir {config.output_dir}: cannot write probe.json ({error_line(err)})",
+                  file=sys.stderr)  # fmt: skip
             return 2
         print(f"wrote {path}")
     return 0

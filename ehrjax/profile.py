@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -41,8 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ehrjax.atomic import atomic_write
-from ehrjax.cli import one_line, parse_flags
+from ehrjax.atomic import atomic_write, check_folder_writable, dumps_strict
+from ehrjax.cli import error_line, one_line, parse_flags
 from ehrjax.data.batching import MODES
 from ehrjax.data.masking import num_mlm_slots
 from ehrjax.data.vocab import NUM_SPECIAL
@@ -305,7 +304,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def write_outputs(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
     """`profile.json` ({'meta', 'results'}) and `profile.png` under `out`, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"meta": meta, "results": results}, indent=2, default=float)
+    text = dumps_strict({"meta": meta, "results": results}, indent=2)
     atomic_write(out / "profile.json", lambda p: p.write_text(text))
     atomic_write(out / "profile.png", lambda p: plot(results, p))
 
@@ -345,11 +344,14 @@ def main(argv: list[str]) -> int:
         warmup = settings.warmup if _FLAGS["warmup"].value is None else _FLAGS["warmup"].value
         if steps < 1 or warmup < 0:
             raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(_FLAGS["out"].value or Path("results") / f"profile-{config.name}-{stamp}")
+        check_folder_writable(out, "--out")  # before the profiling, not after it
+        if _FLAGS["trace"].value:
+            check_folder_writable(_FLAGS["trace"].value, "--trace")
     except (OSError, ValueError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(_FLAGS["out"].value or Path("results") / f"profile-{config.name}-{stamp}")
     results = []
     for mode in modes:
         for dtype in dtypes:
@@ -371,7 +373,11 @@ def main(argv: list[str]) -> int:
             shape = r["shapes"][0]
             print(f"\nwhere the time goes: {r['mode']} {r['dtype']}, {shape['rows']} x {shape['row_len']} step")
             print(format_breakdown(r["ops"]))
-    write_outputs(results, out, meta)
+    try:
+        write_outputs(results, out, meta)
+    except OSError as err:  # a folder made read-only meanwhile, a full disk
+        print(f"error: --out {out}: {error_line(err)}", file=sys.stderr)
+        return 2
     print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
     return 0
 

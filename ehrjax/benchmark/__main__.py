@@ -8,6 +8,10 @@
 Writes `report.md`, `summary.json`, `plots/`, per-run `predictions.npz` and `metrics.jsonl`, the pre-training
 runs and exported embeddings under `--config.output_dir` (default `results/benchmark-<config>-<time>/`), and
 prints the result table.
+
+An output folder that already holds a benchmark (or anything else) is refused unless the run is its
+`--config.resume`; the folder is locked while the benchmark runs (a second benchmark on it is refused, naming
+the process), and nothing in it changes before the config has been validated.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ehrjax.cli import one_line, parse_flags, start_jax
+from ehrjax.cli import error_line, parse_flags, start_jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experiment config file (get_config()).")
 
@@ -38,30 +42,43 @@ def main(argv: list[str]) -> int:
         config = _CONFIG.value
         config.get("name")
     except OSError as err:
-        print(f"error: config: {one_line(err)}", file=sys.stderr)
+        print(f"error: config: {error_line(err)}", file=sys.stderr)
         return 2
     try:
         start_jax(config.train)
     except ValueError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     from ehrjax.benchmark.report import format_results_table, write_report
     from ehrjax.benchmark.stages import Benchmark
     from ehrjax.train.checkpoint import check_writable
     from ehrjax.train.fit import TrainingDiverged
+    from ehrjax.train.rundir import FolderLock, check_output_folder, is_writer
 
     out = output_dir(config).absolute()
+    resume = bool(config.resume)
+    lock = FolderLock(out) if is_writer() else None
     try:
-        if config.resume and not (out / "manifest.json").is_file():
-            raise ValueError(f"resume {out}: no manifest.json; not a benchmark directory")
-        bench = Benchmark(config, out, resume=bool(config.resume))  # validates before any work
+        # Before Benchmark(): a finished (or any non-empty) folder is only ever continued, never restarted. A
+        # resumed folder is locked at once; a new one once validation passed and it is made, then checked again.
+        check_output_folder(out, resume=resume, marker="manifest.json", what="benchmark")
+        if resume and lock is not None:
+            lock.acquire()
         check_writable(out)
+        bench = Benchmark(config, out, resume=resume)  # validates before any work
+        if not resume and lock is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            check_output_folder(out, resume=False, marker="manifest.json", what="benchmark")
         summary = bench.run()
         bench.say("report: writing")
         stats = write_report(summary, out, n_boot=config.benchmark.n_boot)
-    except (ValueError, TrainingDiverged) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+    except (ValueError, TrainingDiverged, OSError) as err:  # OSError: a read-only folder, a full disk
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if lock is not None:
+            lock.release()
     print(format_results_table(stats))
     print(f"report: {out / 'report.md'}")
     return 0

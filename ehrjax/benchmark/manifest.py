@@ -12,14 +12,15 @@ DIR_A DIR_B` compares the common prefix of two benchmark directories array by ar
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ehrjax.atomic import read_json
 from ehrjax.data.cohort import Cohort
 from ehrjax.train.rundir import write_json, write_npz
 
@@ -81,24 +82,50 @@ def save_patient_hashes(path: str | os.PathLike, hashes: dict[str, np.ndarray]) 
     write_npz(path, {k.replace(":", "__"): v for k, v in hashes.items()})
 
 
+def _load_hashes(path: Path) -> dict[str, np.ndarray]:
+    """The per-patient hash arrays of a `*_patient_hashes.npz`, or a one-line ValueError naming it."""
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; not a benchmark directory whose cohorts stage finished")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable .npz ({' '.join(str(err).split())})") from err
+    if not arrays:
+        raise ValueError(f"{path}: holds no hash arrays")
+    sizes = {k: v.shape for k, v in arrays.items()}
+    bad = [k for k, v in arrays.items() if v.ndim != 1 or v.dtype != np.uint64]
+    if bad:
+        raise ValueError(f"{path}: array {bad[0]!r} is {arrays[bad[0]].dtype}{list(sizes[bad[0]])}, expected uint64[n]")
+    if len({v.shape for v in arrays.values()}) != 1:
+        raise ValueError(f"{path}: arrays of different lengths ({', '.join(f'{k}={v[0]}' for k, v in sizes.items())})")
+    return arrays
+
+
 def compare_prefixes(dir_a: str | os.PathLike, dir_b: str | os.PathLike) -> dict[str, Any]:
     """Per stream and array: whether the first min(n_a, n_b) patients of two benchmark directories are
-    identical, with the SHA-256 of that common prefix in each."""
+    identical, with the SHA-256 of that common prefix in each. An array that only one side holds is a
+    difference (`only_in`), and so is a comparison of no common array at all: `identical` means every array of
+    both sides was compared and found equal."""
     out: dict[str, Any] = {}
     for stream in ("pretrain", "finetune"):
         paths = [Path(d) / "cohorts" / f"{stream}_patient_hashes.npz" for d in (dir_a, dir_b)]
-        for p in paths:
-            if not p.is_file():
-                raise ValueError(f"{p}: missing; not a benchmark directory whose cohorts stage finished")
-        a, b = (dict(np.load(p)) for p in paths)
-        k = min(len(next(iter(a.values()))), len(next(iter(b.values()))))
-        arrays = {}
-        for name in sorted(set(a) & set(b)):
+        a, b = (_load_hashes(p) for p in paths)
+        sizes = [len(next(iter(a.values()))), len(next(iter(b.values())))]
+        k = min(sizes)
+        arrays: dict[str, Any] = {}
+        for name in sorted(set(a) | set(b)):
+            label = name.replace("__", ":")
+            if name not in b or name not in a:
+                arrays[label] = {"identical": False, "only_in": "a" if name in a else "b",
+                                 "sha256_a": "", "sha256_b": ""}  # fmt: skip
+                continue
             ha = hashlib.sha256(a[name][:k].tobytes()).hexdigest()
             hb = hashlib.sha256(b[name][:k].tobytes()).hexdigest()
-            arrays[name.replace("__", ":")] = {"identical": ha == hb, "sha256_a": ha, "sha256_b": hb}
-        out[stream] = {"common_prefix": k, "sizes": [len(next(iter(a.values()))), len(next(iter(b.values())))],
-                       "arrays": arrays, "identical": all(v["identical"] for v in arrays.values())}  # fmt: skip
+            arrays[label] = {"identical": ha == hb, "sha256_a": ha, "sha256_b": hb}
+        common = sum("only_in" not in v for v in arrays.values())
+        out[stream] = {"common_prefix": k, "sizes": sizes, "arrays": arrays, "common_arrays": common,
+                       "identical": common > 0 and all(v["identical"] for v in arrays.values())}  # fmt: skip
     return out
 
 
@@ -109,9 +136,21 @@ class Manifest:
     def __init__(self, directory: str | os.PathLike, config: dict[str, Any], *, resume: bool):
         self.path = Path(directory) / "manifest.json"
         self.stages: dict[str, Any] = {}
+        self.saved_config: dict[str, Any] | None = None
+        if not resume and self.path.exists():  # a new benchmark never overwrites a finished one's record
+            raise ValueError(f"output_dir {self.path.parent}: already holds a benchmark (manifest.json); continue it "
+                             f"with --config.resume={self.path.parent} or choose a new folder")  # fmt: skip
         if resume and self.path.is_file():
-            saved = json.loads(self.path.read_text())
+            saved = read_json(self.path, "benchmark manifest")
+            if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict) \
+                    or not isinstance(saved.get("stages", {}), dict):  # fmt: skip
+                raise ValueError(f"benchmark manifest {self.path}: expected a JSON object with a 'config' object "
+                                 "and a 'stages' object (hand-edited or not a manifest)")  # fmt: skip
+            for name, record in saved.get("stages", {}).items():
+                if not isinstance(record, dict):
+                    raise ValueError(f"benchmark manifest {self.path}: stage {name!r} is not a JSON object")
             self.stages = saved.get("stages", {})
+            self.saved_config = saved["config"]
         self.config = config
 
     def done(self, name: str) -> dict[str, Any] | None:
@@ -133,13 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = compare_prefixes(*args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        from ehrjax.cli import error_line
+
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     for stream, r in result.items():
+        note = "" if r["common_arrays"] else "; no array in common"
         print(f"{stream}: sizes {r['sizes'][0]:,} and {r['sizes'][1]:,}; first {r['common_prefix']:,} patients "
-              f"{'IDENTICAL' if r['identical'] else 'DIFFER'}")  # fmt: skip
+              f"{'IDENTICAL' if r['identical'] else 'DIFFER'}{note}")  # fmt: skip
         for name, v in r["arrays"].items():
+            if "only_in" in v:
+                print(f"  {name:<22} {'MISSING':<9}  only in {'DIR_A' if v['only_in'] == 'a' else 'DIR_B'}")
+                continue
             verdict = "same" if v["identical"] else "DIFFERENT"
             print(f"  {name:<22} {verdict:<9}  {v['sha256_a'][:16]}  {v['sha256_b'][:16]}")
     return 0 if all(r["identical"] for r in result.values()) else 1

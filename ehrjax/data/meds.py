@@ -20,15 +20,20 @@ the `GENDER//*` codes (so `MEDS_DEATH` is a token); static rows other than sex a
 and text values. A visit is a run of a subject's events whose consecutive gaps are <= `visit_hours`
 (0: each distinct timestamp is a visit); every token of a visit takes the visit's first timestamp:
 `age = floor((t - birth) / 30.4375 days)`, `time` = calendar days from the first visit's date. Unknown sex
-is -1. Subjects are ordered by shard path, then subject id. With labels, each label row is one cohort row:
-the subject's events strictly before `prediction_time` (stricter than the MEDS label schema, which allows
-data at the prediction time: nothing at or after it can leak), `labels["outcome"]` int8 from
-`boolean_value` and `labels["prediction_time"]` int64 (us since the epoch).
+is -1. MEDS requires only `subject_id`, `time` and `code`: a subject without a `MEDS_BIRTH` row is read with
+its ages measured from its first timed event (age 0 there; its `birth_year` is that event's year), and their
+number is `meta["subjects_without_birth"]`; one birthless subject never fails the dataset. Subjects are
+ordered by shard path, then subject id; hidden and temporary files (`.x`, `x.tmp`, at any level under `data/`
+or the label folder) are skipped. With labels, each label row is one cohort row: the subject's events strictly
+before `prediction_time` (stricter than the MEDS label schema, which allows data at the prediction time:
+nothing at or after it can leak), `labels["outcome"]` int8 from `boolean_value` and `labels["prediction_time"]`
+int64 (us since the epoch).
 """
 
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -37,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ehrjax.atomic import atomic_write, check_output_path
+from ehrjax.atomic import atomic_write, check_output_path, pid_alive, visible_files
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.synthetic import DAYS_PER_MONTH
 
@@ -197,14 +202,25 @@ def cohort_timestamps(cohort: Cohort) -> tuple[np.ndarray, np.ndarray]:
     return birth, token_time
 
 
-def _prepare_out_dir(out_dir: Path) -> Path:
+def _check_out_dir(out_dir: Path) -> None:
+    """A MEDS output folder must be new or empty, in an existing folder (checked before any work)."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"MEDS output {out_dir}: exists and is not an empty folder")
     if not out_dir.parent.is_dir():
         raise ValueError(f"MEDS output {out_dir}: folder {out_dir.parent} does not exist")
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    _check_out_dir(out_dir)
+    for stale in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.tmp"):  # writers killed mid-dataset
+        pid = stale.name[len(out_dir.name) + 2 : -len(".tmp")]
+        if stale.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as err:
+        raise ValueError(f"MEDS output {out_dir}: cannot write in {out_dir.parent} ({err.strerror or err})") from err
     return tmp
 
 
@@ -283,8 +299,10 @@ def write_meds(
         }
         (tmp / "metadata" / "dataset.json").write_text(json.dumps(metadata, indent=2))
         _finish_out_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk, a folder made read-only: name the output, not a temp file
+            raise ValueError(f"MEDS output {out_dir}: cannot write ({err.strerror or err})") from err
         raise
     return out_dir
 
@@ -343,23 +361,13 @@ def _index_visit_times(cohort: Cohort, token_time: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_meds_labels(cohort: Cohort, label_dir: str | os.PathLike, task_name: str = "outcome") -> Path:
-    """Write the cohort's `outcome` labels as a MEDS label file `label_dir/task_name/labels.parquet`.
-
-    One row per eligible patient (`outcome >= 0`): `prediction_time` is the index visit's timestamp (as dated
-    by `write_meds`) plus 1 us, the first instant after the index visit: the history the cohort holds ends
-    at the index visit and the label concerns the 365 days after it, and a reader that keeps only events
-    strictly before the prediction time still sees the index visit. Returns the task folder (what
-    `read_meds(labels_dir=...)` takes).
-    """
+def meds_label_table(cohort: Cohort, task_name: str = "outcome") -> Any:
+    """The MEDS label table `write_meds_labels` writes, built and checked without writing anything."""
     pa, _, _ = _require()
     if "outcome" not in cohort.labels:
         raise ValueError("cohort label 'outcome' is missing; write labels from a finetune-stream cohort")
     if not task_name or "/" in task_name or task_name.startswith("."):
         raise ValueError(f"task_name {task_name!r}: expected a plain folder name")
-    label_dir = Path(label_dir)
-    if not label_dir.is_dir():
-        raise ValueError(f"MEDS label output {label_dir}: folder does not exist")
     _, token_time = cohort_timestamps(cohort)
     index_time = _index_visit_times(cohort, token_time)
     y = np.asarray(cohort.labels["outcome"])
@@ -369,7 +377,7 @@ def write_meds_labels(cohort: Cohort, label_dir: str | os.PathLike, task_name: s
         raise ValueError(f"cohort patient {cohort.patient_id[np.flatnonzero(undated)[0]]}: labelled but no index visit")
     rows = np.flatnonzero(eligible)
     rows = rows[np.argsort(cohort.patient_id[rows], kind="stable")]
-    table = pa.table(
+    return pa.table(
         {
             "subject_id": cohort.patient_id[rows].astype(np.int64),
             "prediction_time": pa.array(index_time[rows] + 1, pa.int64()).cast(pa.timestamp("us")),
@@ -377,7 +385,34 @@ def write_meds_labels(cohort: Cohort, label_dir: str | os.PathLike, task_name: s
         },
         schema=_schemas()["labels"],
     )
+
+
+def check_label_output(label_dir: str | os.PathLike, task_name: str = "outcome", *, create: bool = False) -> Path:
+    """The task folder `label_dir/task_name` labels would be written to, checked without writing: a one-line
+    error if `label_dir` is a file, or (unless `create`, which allows making it) does not exist, or the task
+    folder already holds files (labels are never replaced)."""
+    label_dir = Path(label_dir)
+    if label_dir.exists() and not label_dir.is_dir():
+        raise ValueError(f"MEDS label output {label_dir}: exists and is not a folder")
+    if not label_dir.is_dir() and not create:
+        raise ValueError(f"MEDS label output {label_dir}: folder does not exist")
     task_dir = label_dir / task_name
+    if task_dir.exists() and (not task_dir.is_dir() or any(task_dir.iterdir())):
+        raise ValueError(f"MEDS label output {task_dir}: exists and is not an empty folder")
+    return task_dir
+
+
+def write_meds_labels(cohort: Cohort, label_dir: str | os.PathLike, task_name: str = "outcome") -> Path:
+    """Write the cohort's `outcome` labels as a MEDS label file `label_dir/task_name/labels.parquet`.
+
+    One row per eligible patient (`outcome >= 0`): `prediction_time` is the index visit's timestamp (as dated
+    by `write_meds`) plus 1 us, the first instant after the index visit: the history the cohort holds ends
+    at the index visit and the label concerns the 365 days after it, and a reader that keeps only events
+    strictly before the prediction time still sees the index visit. Returns the task folder (what
+    `read_meds(labels_dir=...)` takes). Everything is checked before anything is written.
+    """
+    table = meds_label_table(cohort, task_name)
+    task_dir = check_label_output(label_dir, task_name)
     task_dir.mkdir(exist_ok=True)
     _write_parquet(table, task_dir / "labels.parquet")
     return task_dir
@@ -450,6 +485,24 @@ class _Growable:
         return self.array[: self.size]
 
 
+def _parquet_schema(path: Path, what: str) -> Any:
+    """The schema of a parquet file; a truncated, empty or foreign file is a one-line error naming it."""
+    pa, _, pq = _require()
+    try:
+        return pq.read_schema(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"MEDS {what} file {path}: not readable parquet ({' '.join(str(err).split())})") from err
+
+
+def _read_parquet(path: Path, what: str, **kwargs: Any) -> Any:
+    """`pq.read_table(path, **kwargs)`, its errors as one line naming the file."""
+    pa, _, pq = _require()
+    try:
+        return pq.read_table(path, **kwargs)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"MEDS {what} file {path}: not readable parquet ({' '.join(str(err).split())})") from err
+
+
 def _check_columns(path: Path, schema: Any, wanted: dict[str, tuple[Any, ...]], what: str) -> None:
     """Every wanted column present with one of its accepted types, else a one-line error."""
     for name, types in wanted.items():
@@ -464,7 +517,7 @@ def _shards(meds_dir: Path) -> list[Path]:
     if not meds_dir.is_dir():
         raise ValueError(f"MEDS directory {meds_dir}: does not exist")
     data = meds_dir / "data"
-    shards = sorted(p for p in data.rglob("*.parquet") if p.is_file()) if data.is_dir() else []
+    shards = visible_files(data, "**/*.parquet") if data.is_dir() else []  # no hidden or temporary files
     if not shards:
         raise ValueError(f"MEDS directory {meds_dir}: no data/**/*.parquet shards (empty or not a MEDS dataset)")
     return shards
@@ -472,12 +525,13 @@ def _shards(meds_dir: Path) -> list[Path]:
 
 def _code_catalogue(meds_dir: Path) -> list[str]:
     """Codes of metadata/codes.parquet in file order, without the birth and sex codes ([] without the file)."""
-    pa, _, pq = _require()
+    pa, _, _ = _require()
     path = meds_dir / "metadata" / "codes.parquet"
     if not path.is_file():
         return []
-    _check_columns(path, pq.read_schema(path), {"code": (pa.string(), pa.large_string())}, "code metadata")
-    codes = pq.read_table(path, columns=["code"]).column("code")
+    _check_columns(path, _parquet_schema(path, "code metadata"), {"code": (pa.string(), pa.large_string())},
+                   "code metadata")  # fmt: skip
+    codes = _read_parquet(path, "code metadata", columns=["code"]).column("code")
     if codes.null_count:
         raise ValueError(f"MEDS code metadata file {path}: null codes")
     names = [c for c in codes.to_pylist() if c != BIRTH_CODE and c not in SEX_CODES]
@@ -486,14 +540,17 @@ def _code_catalogue(meds_dir: Path) -> list[str]:
 
 def _read_splits(meds_dir: Path) -> tuple[np.ndarray, np.ndarray, Path]:
     """Sorted subject ids int64[m] and their split int8[m] (index into SPLITS)."""
-    pa, _, pq = _require()
+    pa, _, _ = _require()
     path = meds_dir / "metadata" / "subject_splits.parquet"
     if not path.is_file():
         raise ValueError(f"MEDS directory {meds_dir}: missing metadata/subject_splits.parquet")
     _check_columns(
-        path, pq.read_schema(path), {"subject_id": (pa.int64(),), "split": (pa.string(), pa.large_string())}, "split"
-    )
-    table = pq.read_table(path, columns=["subject_id", "split"])
+        path, _parquet_schema(path, "split"), {"subject_id": (pa.int64(),), "split": (pa.string(), pa.large_string())},
+        "split",
+    )  # fmt: skip
+    table = _read_parquet(path, "split", columns=["subject_id", "split"])
+    if table.column("subject_id").null_count:
+        raise ValueError(f"MEDS split file {path}: null subject_id")
     ids = table.column("subject_id").to_numpy()
     names = table.column("split").to_numpy(zero_copy_only=False)
     known = np.asarray(MEDS_SPLITS, dtype=object)
@@ -512,17 +569,17 @@ def _read_splits(meds_dir: Path) -> tuple[np.ndarray, np.ndarray, Path]:
 
 def _read_labels(labels_dir: Path) -> dict[str, np.ndarray]:
     """Every label row, sorted by (subject, prediction_time), with the file and row it came from."""
-    pa, _, pq = _require()
+    pa, _, _ = _require()
     if not labels_dir.is_dir():
         raise ValueError(f"MEDS label directory {labels_dir}: does not exist")
-    files = sorted(p for p in labels_dir.rglob("*.parquet") if p.is_file())
+    files = visible_files(labels_dir, "**/*.parquet")  # no hidden or temporary files
     if not files:
         raise ValueError(f"MEDS label directory {labels_dir}: no *.parquet label files")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("subject", "time", "value", "file", "row")}
     wanted = {"subject_id": (pa.int64(),), "prediction_time": (pa.timestamp("us"),), "boolean_value": (pa.bool_(),)}
     for k, path in enumerate(files):
-        _check_columns(path, pq.read_schema(path), wanted, "label")
-        table = pq.read_table(path, columns=list(wanted))
+        _check_columns(path, _parquet_schema(path, "label"), wanted, "label")
+        table = _read_parquet(path, "label", columns=list(wanted))
         for name in wanted:
             if table.column(name).null_count:
                 row = int(np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0])
@@ -535,6 +592,15 @@ def _read_labels(labels_dir: Path) -> dict[str, np.ndarray]:
     labels = {k: np.concatenate(v) for k, v in parts.items()}
     order = np.lexsort((labels["time"], labels["subject"]))
     labels = {k: v[order] for k, v in labels.items()}
+    subject, when = labels["subject"], labels["time"]
+    same = np.flatnonzero((subject[1:] == subject[:-1]) & (when[1:] == when[:-1]))
+    if len(same):  # one prediction per (subject, time): a repeat would count the patient twice
+        a, b = int(same[0]), int(same[0]) + 1
+        kind = "conflicts with" if labels["value"][a] != labels["value"][b] else "repeats"
+        raise ValueError(
+            f"MEDS label file {files[labels['file'][b]]}: row {labels['row'][b]} (subject {labels['subject'][b]}) "
+            f"{kind} row {labels['row'][a]} of {files[labels['file'][a]].name}: the same prediction time twice"
+        )
     labels["files"] = np.asarray([str(p) for p in files], dtype=object)
     return labels
 
@@ -566,10 +632,10 @@ def _shard_events(
     """One shard -> its subjects (sorted ids, sex, birth, first event) and tokens (subject, code, visit, age,
     time, timestamp), sorted by subject then time. `seen`: (path, ids) of the shards read before; this shard
     is appended. Raises a one-line error naming the file and row."""
-    pa, pc, pq = _require()
+    pa, pc, _ = _require()
     _check_columns(
         path,
-        pq.read_schema(path),
+        _parquet_schema(path, "data"),
         {
             "subject_id": (pa.int64(),),
             "time": (pa.timestamp("us"),),
@@ -577,10 +643,7 @@ def _shard_events(
         },
         "data",
     )
-    try:
-        table = pq.read_table(path, columns=["subject_id", "time", "code"], read_dictionary=["code"])
-    except (OSError, pa.ArrowException) as err:
-        raise ValueError(f"MEDS data file {path}: not readable parquet ({err})") from err
+    table = _read_parquet(path, "data", columns=["subject_id", "time", "code"], read_dictionary=["code"])
     for name in ("subject_id", "code"):
         if table.column(name).null_count:
             row = int(np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0])
@@ -638,9 +701,10 @@ def _shard_events(
     birth = np.full(len(ids), np.iinfo(np.int64).min, dtype=np.int64)
     first = _first_of_runs(subj[birth_rows])
     birth[subj[birth_rows][first]] = time[birth_rows][first]  # the earliest birth row of each subject
-    if np.any(birth == np.iinfo(np.int64).min):
-        s = int(np.flatnonzero(birth == np.iinfo(np.int64).min)[0])
-        raise ValueError(f"MEDS data file {path}: subject {ids[s]} has no {BIRTH_CODE} row (needed for ages)")
+    no_birth = birth == np.iinfo(np.int64).min
+    # No MEDS_BIRTH row: ages count from the subject's first timed event (module docstring); a subject with no
+    # timed row at all has no tokens, and its ages never matter.
+    birth[no_birth] = np.where(first_event[no_birth] == np.iinfo(np.int64).max, 0, first_event[no_birth])
 
     events = np.flatnonzero(timed & (code >= 0))
     del timed
@@ -667,6 +731,7 @@ def _shard_events(
         "ids": ids,
         "sex": sex,
         "birth": birth,
+        "no_birth": no_birth,
         "first_event": first_event,
         "subject": e_subj,
         "code": e_code,
@@ -728,10 +793,16 @@ def read_meds(
     labels = _read_labels(Path(labels_dir)) if labels_dir is not None else None
     visit_gap_us = round(visit_hours * 3600 * 10**6)
 
-    _, _, pq = _require()
-    capacity = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
+    pa, _, pq = _require()
+    capacity = 0
+    for p in shards:
+        try:
+            capacity += pq.ParquetFile(p).metadata.num_rows
+        except (OSError, pa.ArrowException) as err:
+            raise ValueError(f"MEDS data file {p}: not readable parquet ({' '.join(str(err).split())})") from err
     tokens = {k: _Growable(capacity, np.int32) for k in ("codes", "visit", "age", "time")}
     counts, patients = [], {k: [] for k in ("patient_id", "sex", "birth_year", "split", "outcome", "prediction_time")}
+    without_birth = 0
     seen: list[tuple[Path, np.ndarray]] = []
     label_found = np.zeros(len(labels["subject"]) if labels else 0, dtype=bool)
     for path in shards:
@@ -743,6 +814,7 @@ def read_meds(
             subject = ids[np.flatnonzero(missing)[0]]
             raise ValueError(f"MEDS split file {split_path}: no split for subject {subject} of {path}")
         split = split_of[pos]
+        without_birth += int(shard["no_birth"].sum())
         birth_year = shard["birth"].astype("datetime64[us]").astype("datetime64[Y]").astype(np.int64) + 1970
         if labels is None:
             index = None
@@ -791,7 +863,7 @@ def read_meds(
         code_names=np.asarray(codes, dtype=str) if codes else np.zeros(0, dtype="<U1"),
         labels=cohort_labels,
         meta={"source": "meds", "meds_dir": str(meds_dir), "labels_dir": str(labels_dir or ""),
-              "visit_hours": visit_hours},
+              "visit_hours": visit_hours, "subjects_without_birth": without_birth},
     )  # fmt: skip
 
 
@@ -818,22 +890,49 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "write":
-            from ehrjax.data.synthetic import generate_cohort
-
-            cohort = generate_cohort(args.num_patients, args.seed, args.stream, args.num_noise_codes)
-            if args.labels is not None:
-                args.labels.mkdir(parents=True, exist_ok=True)
-            write_meds(cohort, args.out, shard_size=args.shard_size)
-            print(f"wrote {args.out} ({len(cohort):,} subjects, {cohort.num_tokens:,} code events)")
-            if args.labels is not None:
-                print(f"wrote labels {write_meds_labels(cohort, args.labels)}")
+            _write_command(args)
         else:
             cohort = read_meds(args.meds_dir, labels_dir=args.labels, visit_hours=args.visit_hours)
             print(cohort.format_summary())
-    except (ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, ImportError, OSError) as err:  # OSError: a read-only folder, a full disk
+        from ehrjax.cli import error_line
+
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _write_command(args: Any) -> None:
+    """`write`: everything (outputs, labels) is checked before anything is written, and a failure part-way
+    removes what this command wrote, so the dataset and its labels appear together or not at all."""
+    from ehrjax.data.synthetic import generate_cohort
+
+    out, labels = Path(args.out), args.labels
+    _check_out_dir(out)
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+    task_dir = check_label_output(labels, create=True) if labels is not None else None
+    if labels is not None and args.stream != "finetune":
+        raise ValueError(f"--labels {labels}: outcome labels need --stream finetune, got {args.stream!r}")
+    cohort = generate_cohort(args.num_patients, args.seed, args.stream, args.num_noise_codes)
+    label_table = meds_label_table(cohort) if labels is not None else None
+    made = [p for p in (labels, task_dir) if p is not None and not p.exists()]
+    existed = out.exists()
+    write_meds(cohort, out, shard_size=args.shard_size)
+    try:
+        if label_table is not None:
+            task_dir.mkdir(parents=True, exist_ok=True)
+            _write_parquet(label_table, task_dir / "labels.parquet")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            out.mkdir(exist_ok=True)  # it was an empty folder
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    print(f"wrote {out} ({len(cohort):,} subjects, {cohort.num_tokens:,} code events)")
+    if task_dir is not None:
+        print(f"wrote labels {task_dir}")
 
 
 if __name__ == "__main__":

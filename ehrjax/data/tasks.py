@@ -125,6 +125,30 @@ def make_task_data(
     return data.with_train_size(train_size) if train_size else data
 
 
+def check_evaluable(data: TaskData) -> None:
+    """A one-line ValueError, before any training, where a split's metric could not be computed: the
+    validation split picks the best epoch and the test split is reported, so each needs patients and, for a
+    binary task, both classes (AUROC and AP are undefined for one); for a multi-label task, a patient with a
+    positive label. Names the split and its class counts."""
+    if data.labels is None:
+        return
+    for name in ("val", "test"):
+        rows = data.splits.get(name, np.zeros(0, dtype=np.int64))
+        if len(rows) == 0:
+            raise ValueError(f"the {data.task!r} task has no {name} patients; its metric cannot be computed")
+        y = np.asarray(data.labels[rows]) > 0.5
+        if y.shape[1] == 1:
+            positive = int(y.sum())
+            if positive == 0 or positive == len(rows):
+                raise ValueError(
+                    f"the {data.task!r} task's {name} split has one class ({positive} positive, "
+                    f"{len(rows) - positive} negative labels): its AUROC/AP cannot be computed; check the labels"
+                )
+        elif not y.any():
+            raise ValueError(f"the {data.task!r} task's {name} split has no positive label among {len(rows)} "
+                             "patients: its metrics cannot be computed")  # fmt: skip
+
+
 def build_task_data(
     config: Any, task: str | None = None, *, vocab: Vocab | None = None, cohort: Cohort | None = None
 ) -> TaskData:

@@ -3,9 +3,11 @@
 Formats, chosen by extension (then content for other text files):
 
 * Med2Vec `X.npz` with exactly `W_emb, b_emb, W_hidden, b_hidden, W_output, b_output` (float32 or float64)
-  plus its code -> row map. The map is `codes_path` if given, else the first of `X.types.json`, `X.json`
-  (safe JSON, preferred) and `X.types` (the original tool's pickled dict, read only with
-  `allow_pickle=True`). Code vectors are `ReLU(W_emb)`, as in the paper.
+  plus its code -> row map. The map is `codes_path` if given (JSON or, by its content, a pickle), else the
+  first of `X.types.json`, `X.json` (safe JSON, preferred) and `X.types` (the original tool's pickled dict,
+  read only with `allow_pickle=True`). The original tool saves epoch k as `X.k.npz` beside the `X.types` of
+  its input, so for `X.k.npz` the maps of `X` (`X.types.json`, then `X.types`) are looked for too.
+  Code vectors are `ReLU(W_emb)`, as in the paper.
 * word2vec text (`.txt`, `.vec`, `.w2v` or any text file): a header `n d`, then `code v1 ... vd` per line.
   A file without the header (GloVe) is read too. Percent-escaped whitespace and `%` in names (`%20`, `%25`,
   as ehrjax's export writes them, `escape_word2vec_code`) are decoded.
@@ -60,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ehrjax.atomic import write_json
 from ehrjax.cli import one_line
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.vocab import NUM_SPECIAL, PAD, SPECIAL_TOKENS, Vocab
@@ -210,14 +213,8 @@ class CoverageReport:
         return "\n".join(lines)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write `as_dict()` as JSON atomically (a temporary file, then a rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(self.as_dict(), indent=2))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Write `as_dict()` as strict JSON atomically (`ehrjax.atomic.write_json`)."""
+        write_json(path, self.as_dict(), strict=True)
 
 
 def vocab_token_counts(cohort: Cohort, vocab: Vocab) -> np.ndarray:
@@ -251,6 +248,26 @@ def unescape_word2vec_code(name: str) -> str:
 def sibling(path: Path, suffix: str) -> Path:
     """`model.9.npz` + `.types.json` -> `model.9.types.json` (only the last suffix is replaced)."""
     return path.with_name(path.name[: len(path.name) - len(path.suffix)] + suffix)
+
+
+_EPOCH = re.compile(r"^(?P<stem>.+)\.\d+$")
+
+
+def epoch_stem(path: Path) -> Path | None:
+    """`X.9.npz` -> `X` (the original Med2Vec tool's per-epoch output, beside its input's `X.types`); else None."""
+    m = _EPOCH.match(path.name[: len(path.name) - len(path.suffix)])
+    return path.with_name(m["stem"]) if m else None
+
+
+def _is_json_file(path: Path) -> bool:
+    """Whether a code map file holds JSON (its first non-blank byte opens an object or a list), whatever its
+    name: a pickle never starts so."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64).lstrip()
+    except OSError:
+        return path.suffix == ".json"
+    return head[:1] in (b"{", b"[")
 
 
 def _first_existing(candidates: Sequence[Path]) -> Path | None:
@@ -349,15 +366,17 @@ def _read_med2vec(
         _check_finite(array, path, name)
 
     stem = sibling(path, "")
-    source = codes_path or _first_existing([sibling(path, ".types.json"), sibling(path, ".json")])
+    base = epoch_stem(path)
+    json_maps = [sibling(path, ".types.json"), sibling(path, ".json")]
+    pickles = [sibling(path, ".types")]
+    if base is not None:
+        json_maps.append(base.with_name(base.name + ".types.json"))
+        pickles.append(base.with_name(base.name + ".types"))
+    source = codes_path or _first_existing(json_maps) or _first_existing(pickles)
     if source is None:
-        source = _first_existing([sibling(path, ".types")])
-        if source is None:
-            raise ValueError(
-                f"embedding file {path}: no code map found (looked for {stem.name}.types.json, {stem.name}.json, "
-                f"{stem.name}.types; or pass codes_path)"
-            )
-    if source.suffix == ".json":
+        looked = ", ".join(p.name for p in json_maps + pickles)
+        raise ValueError(f"embedding file {path}: no code map found (looked for {looked}; or pass codes_path)")
+    if _is_json_file(source):
         codes = _codes_from_json(_read_json(source, path), len(w), path, source)
     else:
         if not allow_pickle:
@@ -611,6 +630,32 @@ def read_code_vectors(
         raise ValueError(f"embedding file {path}: holds no vectors (shape {vectors.shape})")
     _check_unique(codes, path)
     return codes, vectors, fmt, source
+
+
+def validate_embedding_file(
+    path: str | os.PathLike,
+    codes_path: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    *,
+    embed_dim: int | None = None,
+    label: str = "",
+) -> tuple[int, int]:
+    """Read and check an embedding file before any work: (number of codes, dimension), or a one-line ValueError
+    naming it for a missing file or code map, an unknown format, NaN/inf values, inconsistent shapes, no
+    vectors, a pickle without `allow_pickle`, or (given `embed_dim`) another width. `label` prefixes the
+    message with the setting that named the file (`embeddings_from`)."""
+    try:
+        codes, vectors, _, _ = read_code_vectors(path, codes_path=codes_path or None, allow_pickle=allow_pickle)
+        if embed_dim is not None and vectors.shape[1] != embed_dim:
+            raise ValueError(
+                f"embedding file {path}: vectors have dimension {vectors.shape[1]} but model.embed_dim is "
+                f"{embed_dim}; set model.embed_dim = {vectors.shape[1]} (the model projects embed_dim -> hidden_dim)"
+            )
+    except ValueError as err:
+        if label:
+            raise ValueError(f"{label}: {err}") from err
+        raise
+    return len(codes), int(vectors.shape[1])
 
 
 def _counts_by_id(code_counts: np.ndarray | Mapping[str, int], vocab: Vocab) -> np.ndarray:

@@ -34,6 +34,7 @@ enough to see every pair once per epoch). Codes index the model vocabulary's cli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -52,7 +53,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ehrjax.atomic import check_output_path
+from ehrjax.atomic import check_folder_writable, check_output_path, os_error_line, replace_together
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.vocab import NUM_SPECIAL, Vocab
 from ehrjax.embeddings.io import sibling
@@ -280,7 +281,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"med2vec.pairs_per_batch must be an integer >= 0 (0: automatic), got {cfg.pairs_per_batch!r}")
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"med2vec.optimizer {cfg.optimizer!r} unknown; expected one of {OPTIMIZERS}")
-    if not cfg.learning_rate > 0 or cfg.l2 < 0:
+    if not cfg.learning_rate > 0 or not cfg.l2 >= 0 or cfg.learning_rate == float("inf"):
         raise ValueError(f"med2vec.learning_rate must be > 0 and med2vec.l2 >= 0, got {cfg.learning_rate}, {cfg.l2}")
 
 
@@ -375,20 +376,6 @@ def train_med2vec(
     return Med2VecResult({k: np.asarray(v, np.float32) for k, v in params.items()}, vocab, losses, stats)
 
 
-def _replace_atomically(files: dict[Path, Callable[[Any], None]]) -> None:
-    """Write each file to a temporary sibling with its writer, then rename them in order (last = commit)."""
-    tmps = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in files}
-    try:
-        for path, write in files.items():
-            with open(tmps[path], "wb") as fh:
-                write(fh)
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-
-
 def save_med2vec(path: str | os.PathLike, params: dict[str, Any], vocab: Vocab) -> dict[str, Path]:
     """Export in the original layout: `X.npz` (W_emb, b_emb, W_hidden, b_hidden, W_output, b_output),
     the code -> index map as `X.types` (a pickled plain dict, protocol 2 as the Python 2 tool read) and
@@ -411,7 +398,7 @@ def save_med2vec(path: str | os.PathLike, params: dict[str, Any], vocab: Vocab) 
         "vocab": sibling(path, ".vocab.json"),
         "npz": path,
     }
-    _replace_atomically(
+    replace_together(
         {
             out["types"]: lambda fh: pickle.dump(types, fh, protocol=2),
             out["types_json"]: lambda fh: fh.write(json.dumps(types).encode()),
@@ -439,17 +426,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="a config file with get_config() (default: base_config())")
     parser.add_argument("--epochs", type=int, default=None, help="override med2vec.epochs")
     args = parser.parse_args(argv)
+    created = False
     try:
         c = _load_config(args.config)
         if args.epochs is not None:
             c.med2vec.epochs = args.epochs
         c.med2vec.seed = args.seed
+        validate_config(c.med2vec)
+        # Before any work, without creating it: a folder (or a new name in an existing folder) we may write.
         if not args.out.parent.is_dir():
             raise ValueError(f"--out {args.out}: folder {args.out.parent} does not exist")
+        check_folder_writable(args.out, "--out")
         num_patients = c.pretrain.num_patients if args.num_patients is None else args.num_patients
         if num_patients <= 0:
             raise ValueError(f"--num-patients must be > 0, got {num_patients}")
-        args.out.mkdir(exist_ok=True)
         cohort = generate_cohort(num_patients, args.seed, "pretrain",
                                  c.data.num_noise_codes)  # fmt: skip
         # The training split only: the MLM run's validation and test patients must stay unseen (its vocabulary
@@ -457,9 +447,15 @@ def main(argv: list[str] | None = None) -> int:
         cohort = cohort.select(cohort.split_mask("train"))
         vocab = Vocab.build(cohort.code_names, cohort.code_counts(), c.data.min_count)
         result = train_med2vec(cohort, vocab, c.med2vec)
+        created = not args.out.exists()
+        args.out.mkdir(exist_ok=True)
         paths = save_med2vec(args.out / "med2vec.npz", result.params, vocab)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        if created:  # remove the folder this run made, if nothing else landed in it
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
+        message = f"--out {args.out}: {os_error_line(err)}" if isinstance(err, OSError) else str(err)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     seconds = result.stats["epoch_seconds"]
     print(f"{result.stats['visits']:,} visits, {result.stats['codes']:,} codes, {len(seconds)} epochs, "

@@ -23,7 +23,6 @@ label; a hit at k when rank < k (ties are counted in the label's favour). Losses
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import brentq
 
-from ehrjax.atomic import write_text
 from ehrjax.data.batching import DeviceBatcher
 from ehrjax.data.cohort import ragged_index
 from ehrjax.data.tasks import TaskData
@@ -297,10 +295,12 @@ def run_mlm_baselines(data: TaskData, data_cfg: Any, *, seed: int, max_val_patie
 
 
 def last_test_eval(metrics_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The last `eval` record of split `test` in a run's metrics.jsonl, or None."""
+    """The last `eval` record of split `test` in a run's metrics.jsonl, or None (a torn last line, left by a
+    kill, is dropped with a warning; a bad line elsewhere is a one-line ValueError naming the file and line)."""
+    from ehrjax.train.rundir import read_jsonl
+
     found = None
-    for line in Path(metrics_path).read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_jsonl(metrics_path):
         if record.get("event") == "eval" and record.get("split") == "test":
             found = record
     return found
@@ -333,27 +333,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, help="also write the result as JSON here")
     args = parser.parse_args(argv)
+    from ehrjax.atomic import read_json, write_json
+    from ehrjax.cli import error_line
+
     try:
         for name in ("config.json", "vocab.json"):
             if not (args.run_dir / name).is_file():
                 raise ValueError(f"run {args.run_dir}: no {name}; not an ehrjax run directory")
-        config = ml_collections.ConfigDict(json.loads((args.run_dir / "config.json").read_text()))
-        if config.task != "mlm":
-            raise ValueError(f"run {args.run_dir}: a {config.task!r} run; expected an MLM pre-training run")
+        if args.out is not None:  # before the work
+            if args.out.is_dir():
+                raise ValueError(f"--out {args.out}: is a folder, expected a file path")
+            if not args.out.parent.is_dir():
+                raise ValueError(f"--out {args.out}: folder {args.out.parent} does not exist")
+        saved = read_json(args.run_dir / "config.json", f"run {args.run_dir}: config file")
+        if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("data", "train")):
+            raise ValueError(f"run {args.run_dir}: config.json is not a run config (a JSON object with 'data' and "
+                             "'train' sections)")  # fmt: skip
+        config = ml_collections.ConfigDict(saved)
+        if config.get("task") != "mlm":
+            raise ValueError(f"run {args.run_dir}: a run of task {config.get('task')}, expected mlm")
+        metrics = args.run_dir / "metrics.jsonl"
+        model = last_test_eval(metrics) if metrics.is_file() else None  # a bad log fails before the work
         data = build_task_data(config, "mlm", vocab=Vocab.load(args.run_dir / "vocab.json"))
         result: dict[str, Any] = run_mlm_baselines(
             data, config.data, seed=config.seed, max_val_patients=config.train.max_eval_patients
         )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if model is not None:
+            result["model"] = {k: model[k] for k in ("loss", "top1", "top10", "n") if k in model}
+        print(format_table(result))
+        if args.out is not None:
+            write_json(args.out, result, strict=True)
+    except (ValueError, OSError) as err:
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
-    metrics = args.run_dir / "metrics.jsonl"
-    model = last_test_eval(metrics) if metrics.is_file() else None
-    if model is not None:
-        result["model"] = {k: model[k] for k in ("loss", "top1", "top10", "n") if k in model}
-    print(format_table(result))
-    if args.out is not None:
-        write_text(args.out, json.dumps(result, indent=2, default=float))
+    except (KeyError, AttributeError) as err:  # a hand-edited config.json without a setting the run needs
+        print(f"error: run {args.run_dir}: config.json lacks a setting ({error_line(err)})", file=sys.stderr)
+        return 2
     return 0
 
 

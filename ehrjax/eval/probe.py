@@ -18,7 +18,6 @@ A probe above `random` says pre-training learned something a linear read-out can
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -207,8 +206,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write `payload` as JSON atomically."""
-    atomic.write_text(path, json.dumps(payload, indent=2, default=float))
+    """Write `payload` as strict JSON atomically (a NaN metric as null)."""
+    atomic.write_json(path, payload, strict=True)
 
 
 def load_pretrained_run(run_dir: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Vocab, nnx.State]:

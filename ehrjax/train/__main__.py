@@ -8,13 +8,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ehrjax.cli import one_line, parse_flags, start_jax
+from ehrjax.atomic import dumps_strict
+from ehrjax.cli import error_line, parse_flags, start_jax
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cpu.py", "Experiment config file (get_config()).")
 
@@ -30,15 +30,15 @@ def main(argv: list[str]) -> int:
         config = _CONFIG.value
         config.get("name")  # a config file that failed to load raises here, not at parse time
     except OSError as err:  # the config file could not be loaded
-        print(f"error: config: {one_line(err)}", file=sys.stderr)
+        print(f"error: config: {error_line(err)}", file=sys.stderr)
         return 2
     try:
         start_jax(config.train)
         result = train(config)
-    except (ValueError, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, TrainingDiverged, OSError) as err:  # OSError: a read-only folder, a full disk
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
-    print(json.dumps(result.as_dict(), indent=2, default=float))
+    print(dumps_strict(result.as_dict(), indent=2))  # strict JSON: a metric that is NaN prints as null
     print(f"run directory: {result.workdir}")
     return 0
 

@@ -15,17 +15,31 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from ehrjax.atomic import check_folder_writable
+
 # Config keys that fix the shapes of a checkpoint's arrays: a resume or init with other values is refused.
 SHAPE_KEYS = ("model", "lora", "data.num_noise_codes")
 ITEMS = ("params", "opt", "meta")
 
 
-class RunCheckpoints:
-    """The `latest` and `best` checkpoint managers of one run directory."""
+def restore_error(where: Path, step: int, expected: str, err: BaseException) -> ValueError:
+    """A failed Orbax restore as one line: the folder, the step, what was expected and the first line of the cause
+    (Orbax's own messages print whole tree structures)."""
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return ValueError(f"checkpoint {where} step {step}: cannot restore {expected} ({type(err).__name__}: {first})")
 
-    def __init__(self, directory: str | os.PathLike):
+
+class RunCheckpoints:
+    """The `latest` and `best` checkpoint managers of one run directory.
+
+    writable=False reads another run's checkpoints: nothing is created there and none of its temporary folders
+    (a save in progress) is cleaned up."""
+
+    def __init__(self, directory: str | os.PathLike, *, writable: bool = True):
         self.directory = Path(directory).absolute()
-        common = dict(enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True)
+        common = dict(enable_async_checkpointing=writable, cleanup_tmp_directories=writable, create=writable)
         self._latest = ocp.CheckpointManager(
             self.directory / "latest",
             options=ocp.CheckpointManagerOptions(max_to_keep=2, **common),
@@ -64,25 +78,48 @@ class RunCheckpoints:
             raise ValueError(f"checkpoint directory {self.directory / which}: no complete checkpoint")
         return manager, step
 
-    def restore(self, abstract_state: Any, *, which: str = "latest") -> tuple[Any, dict]:
+    def restore(
+        self, abstract_state: Any, *, which: str = "latest", expected: str = "the run's training state"
+    ) -> tuple[Any, dict]:
         """(state, meta) of the newest checkpoint of `which` ('latest' | 'best'); abstract_state has the
-        structure, shapes, dtypes (and shardings) of {'params', 'opt_state', 'step'}."""
+        structure, shapes, dtypes (and shardings) of {'params', 'opt_state', 'step'}. A checkpoint that does
+        not fit is a one-line ValueError naming the folder and `expected`."""
         manager, step = self._manager(which)
         opt = {"opt_state": abstract_state["opt_state"], "step": abstract_state["step"]}
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state["params"]),
-                opt=ocp.args.StandardRestore(opt),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state["params"]),
+                    opt=ocp.args.StandardRestore(opt),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as err:  # Orbax, tensorstore and JAX raise many kinds
+            raise restore_error(self.directory / which, step, expected, err) from err
+        if not isinstance(restored.meta, dict):
+            raise ValueError(f"checkpoint {self.directory / which} step {step}: its meta item is not a JSON object")
         return {"params": restored.params, **restored.opt}, dict(restored.meta)
 
-    def restore_params(self, abstract_params: Any, *, which: str = "best") -> Any:
-        """The parameters alone of the newest checkpoint of `which`."""
+    def restore_params(self, abstract_params: Any, *, which: str = "best", expected: str = "the parameters") -> Any:
+        """The parameters alone of the newest checkpoint of `which` (errors as in `restore`)."""
         manager, step = self._manager(which)
-        return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
+        try:
+            args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))
+            return manager.restore(step, args=args).params
+        except Exception as err:
+            raise restore_error(self.directory / which, step, expected, err) from err
+
+    def restore_meta(self, *, which: str = "latest") -> dict[str, Any]:
+        """The JSON meta item alone of the newest checkpoint of `which`."""
+        manager, step = self._manager(which)
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as err:
+            raise restore_error(self.directory / which, step, "its meta item (JSON)", err) from err
+        if not isinstance(meta, dict):
+            raise ValueError(f"checkpoint {self.directory / which} step {step}: its meta item is not a JSON object")
+        return dict(meta)
 
     def wait(self) -> None:
         self._latest.wait_until_finished()
@@ -117,16 +154,13 @@ def config_mismatch(saved: dict[str, Any], current: dict[str, Any], keys: tuple[
 
 
 def check_writable(directory: str | os.PathLike, min_free_bytes: int = 50 * 2**20) -> None:
-    """Fail before training if the run directory cannot be created/written or its disk is nearly full."""
-    path = Path(directory)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_probe"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"output directory {path}: not writable ({err.strerror or err})") from err
-    free = shutil.disk_usage(path).free
+    """Fail before training if the run directory cannot be created/written or its disk is nearly full; creates
+    nothing (the folder is made once everything is validated)."""
+    path = check_folder_writable(directory, "output directory")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if free < min_free_bytes:
         raise ValueError(
             f"output directory {path}: only {free / 2**20:.0f} MiB free, need {min_free_bytes / 2**20:.0f}"

@@ -20,20 +20,36 @@ import ml_collections
 import numpy as np
 
 from ehrjax.data.cohort import Cohort
-from ehrjax.data.tasks import TASKS, TaskData, build_task_data
+from ehrjax.data.tasks import TASKS, TaskData, build_task_data, check_evaluable
 from ehrjax.data.vocab import Vocab
-from ehrjax.embeddings.io import load_code_table, vocab_token_counts
+from ehrjax.embeddings.io import load_code_table, validate_embedding_file, vocab_token_counts
 from ehrjax.eval.baselines import format_table, run_mlm_baselines
 from ehrjax.models.behrt import CODE_TABLE_PATH
 from ehrjax.train.arms import EVERYTHING, Arm, arm_from_config, arm_lora_config
 from ehrjax.train.checkpoint import RunCheckpoints, check_writable, config_mismatch
 from ehrjax.train.export import export_adapters, export_code_table, export_model, flat_arrays
 from ehrjax.train.fit import DEFAULT_METRIC, FitResult, TrainingDiverged, evaluate, fit
-from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
-from ehrjax.train.rundir import RunLog, is_writer, predictions_arrays, run_directory, write_json, write_npz
+from ehrjax.train.pretrained import PretrainedRun, check_run_folder, load_pretrained_run
+from ehrjax.train.rundir import (
+    FolderLock,
+    RunLog,
+    check_output_folder,
+    is_writer,
+    predictions_arrays,
+    run_directory,
+    write_json,
+    write_npz,
+)
 from ehrjax.train.trainer import Trainer, build_trainer, unstack
 
 __all__ = ["RunResult", "TrainingDiverged", "build_run_trainer", "make_mesh", "train", "validate_config"]
+
+# The validation metrics `train.metric` may name per task ('loss' is minimised, the others maximised).
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "mlm": ("loss", "top1", "top10", "macro_auroc", "macro_ap", "macro_pr_auc"),
+    "outcome": ("auroc", "ap", "pr_auc", "loss"),
+    "next_visit": ("aps", "auroc", "loss"),
+}
 
 
 @dataclasses.dataclass
@@ -83,6 +99,82 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("log_every", "checkpoint_every", "max_eval_patients"):
         if config.train[key] <= 0:
             raise ValueError(f"train.{key} must be > 0, got {config.train[key]}")
+    metric = config.train.metric
+    if metric and metric not in TASK_METRICS[config.task]:
+        raise ValueError(f"train.metric {metric!r} is not a validation metric of the {config.task!r} task; "
+                         f"expected one of {', '.join(TASK_METRICS[config.task])} (or '' for the default)")  # fmt: skip
+    validate_settings(config)
+    if config.init_from:
+        check_run_folder(config.init_from, label="init_from", task="mlm")
+    table_path = _table_path(config)
+    if table_path:
+        _check_embedding_file(table_path, config)
+
+
+def validate_settings(config: ml_collections.ConfigDict) -> None:
+    """The model, LoRA and optimiser numbers, before any cohort is built (their builders check them again)."""
+    from ehrjax.models.behrt import validate_lora_dims, validate_model_config
+
+    validate_model_config(config.model)
+    if config.task != "mlm":  # adapters only where the arm has them
+        lora_cfg = arm_lora_config(arm_from_config(config.arm, config.arms), config.lora)
+        if lora_cfg is not None:
+            validate_lora_dims(lora_cfg, config.model)
+    o = config.optim
+    checks = {
+        "learning_rate": (o.learning_rate, 0 < o.learning_rate < float("inf"), "> 0 and finite"),
+        "weight_decay": (o.weight_decay, 0 <= o.weight_decay < float("inf"), ">= 0 and finite"),
+        "clip_norm": (o.clip_norm, 0 <= o.clip_norm < float("inf"), ">= 0 and finite (0 disables clipping)"),
+        "b1": (o.b1, 0 <= o.b1 < 1, "in [0, 1)"),
+        "b2": (o.b2, 0 <= o.b2 < 1, "in [0, 1)"),
+        "warmup_steps": (o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+    }
+    for key, (value, ok, expected) in checks.items():
+        if not ok:
+            raise ValueError(f"optim.{key} must be {expected}, got {value!r}")
+    from ehrjax.train.optimizer import SCHEDULES
+
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule {o.schedule!r} unknown; expected one of {SCHEDULES}")
+    d = config.data
+    if not 0 < d.mask_prob < 1:
+        raise ValueError(f"data.mask_prob must be in (0, 1), got {d.mask_prob!r}")
+    if not d.mlm_slot_factor > 0 or d.mlm_slot_factor == float("inf"):
+        raise ValueError(f"data.mlm_slot_factor must be > 0 and finite, got {d.mlm_slot_factor!r}")
+    for key in ("max_len", "row_len", "rows_per_batch", "slots_per_row", "tokens_per_batch", "batch_size",
+                "min_count"):  # fmt: skip
+        if d[key] <= 0:
+            raise ValueError(f"data.{key} must be > 0, got {d[key]!r}")
+
+
+def _table_path(config: ml_collections.ConfigDict) -> str:
+    """The embedding file a run imports as its frozen code table ('' for none)."""
+    if config.embeddings_from:
+        return config.embeddings_from
+    if config.task != "mlm":
+        arm = arm_from_config(config.arm, config.arms)
+        return arm.code_table if arm.table_from_file else ""
+    return ""
+
+
+_CHECKED_FILES: dict[tuple, tuple[int, int]] = {}
+
+
+def _check_embedding_file(path: str, config: ml_collections.ConfigDict) -> None:
+    """`validate_embedding_file` once per file version (validate_config runs more than once per run)."""
+    try:
+        st = Path(path).stat()
+        key = (str(Path(path).absolute()), st.st_mtime_ns, st.st_size, config.med2vec.codes_path,
+               bool(config.med2vec.allow_pickle), config.model.embed_dim)  # fmt: skip
+    except OSError:
+        key = None
+    if key is not None and key in _CHECKED_FILES:
+        return
+    label = "embeddings_from" if config.embeddings_from else f"arm {config.arm!r} code table"
+    shape = validate_embedding_file(path, config.med2vec.codes_path or None, bool(config.med2vec.allow_pickle),
+                                    embed_dim=config.model.embed_dim, label=label)  # fmt: skip
+    if key is not None:
+        _CHECKED_FILES[key] = shape
 
 
 def validate_cohort_sizes(config: ml_collections.ConfigDict) -> None:
@@ -119,10 +211,12 @@ def _run_dir(config: ml_collections.ConfigDict) -> Path:
 
 
 def _check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    saved_path = workdir / "config.json"
-    if not saved_path.is_file():
-        raise ValueError(f"resume {workdir}: no config.json; not an ehrjax run directory")
-    saved = json.loads(saved_path.read_text())
+    from ehrjax.atomic import read_json
+
+    check_output_folder(workdir, resume=True, marker="config.json", what="run")
+    saved = read_json(workdir / "config.json", f"resume {workdir}: config file")
+    if not isinstance(saved, dict):
+        raise ValueError(f"resume {workdir}: config.json is not a JSON object")
     keys = ("task", "arm", "seed", "model", "lora", "data", "optim", "pretrain", "finetune", "train.epochs")
     diffs = config_mismatch(saved, config_to_dict(config), keys)
     if diffs:
@@ -153,7 +247,7 @@ def build_run_trainer(
     `cohort`: the config's cohort for the task, when the caller already holds it."""
     validate_config(config)
     task = config.task
-    run = load_pretrained_run(config.init_from, label="init_from") if config.init_from else None
+    run = load_pretrained_run(config.init_from, label="init_from", task="mlm") if config.init_from else None
     if run is not None:
         diffs = config_mismatch(run.config, config_to_dict(config), ("model",))
         if diffs:
@@ -161,8 +255,9 @@ def build_run_trainer(
                              f"({', '.join(diffs)})")  # fmt: skip
         vocab = vocab or run.vocab
     data = build_task_data(config, task, vocab=vocab, cohort=cohort)
+    check_evaluable(data)
     arm = Arm("mlm", trainable=EVERYTHING) if task == "mlm" else arm_from_config(config.arm, config.arms)
-    table_path = config.embeddings_from or (arm.code_table if arm.table_from_file else "")
+    table_path = _table_path(config)
     code_table = coverage = None
     trainable = arm.trainable
     if table_path:  # an imported table stays frozen
@@ -185,15 +280,39 @@ def train(config: ml_collections.ConfigDict, cohort: Cohort | None = None) -> Ru
     config's cohort for the task when the caller already holds it (it is not generated or read again)."""
     start_time = time.perf_counter()
     validate_config(config)
-    task = config.task
     workdir = _run_dir(config).absolute()
+    # Everything is checked before the folder is made or touched: a failure leaves no folder and an existing
+    # run is never replaced (a finished run is continued only with resume).
+    # A resumed run locks its folder at once (a folder another process writes fails before any work); a new
+    # run locks the folder it makes once everything is validated, and checks again under the lock.
     vocab = None
-    if config.resume:
-        _check_resume(config, workdir)
-        if (workdir / "vocab.json").is_file():
-            vocab = Vocab.load(workdir / "vocab.json")
-    check_writable(workdir)
-    trainer, coverage = build_run_trainer(config, vocab, cohort=cohort)
+    lock = FolderLock(workdir) if is_writer() else None
+    try:
+        if config.resume:
+            _check_resume(config, workdir)
+            if lock is not None:
+                lock.acquire()
+                _check_resume(config, workdir)  # under the lock: its writer may have changed it meanwhile
+            if (workdir / "vocab.json").is_file():
+                vocab = Vocab.load(workdir / "vocab.json")
+        else:
+            check_output_folder(workdir, resume=False, marker="config.json", what="run")
+        check_writable(workdir)
+        trainer, coverage = build_run_trainer(config, vocab, cohort=cohort)
+        if lock is not None and not config.resume:
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            check_output_folder(workdir, resume=False, marker="config.json", what="run")
+        return _train(config, trainer, coverage, workdir, start_time)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, trainer: Trainer, coverage: Any, workdir: Path,
+           start_time: float) -> RunResult:  # fmt: skip
+    """`train` once its folder is claimed."""
+    task = config.task
     data = trainer.data
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     resume_step = None

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from ehrjax.atomic import read_json
 from ehrjax.data.vocab import Vocab
 from ehrjax.models.behrt import Behrt
 from ehrjax.train.checkpoint import RunCheckpoints
@@ -31,41 +30,64 @@ class PretrainedRun:
         return ml_collections.ConfigDict(self.config["model"])
 
 
-def load_pretrained_run(
-    path: str | os.PathLike, *, label: str = "pre-trained run", task: str | None = None
-) -> PretrainedRun:
-    """Read `config.json`, `vocab.json` and the best (else latest) checkpoint's parameters of a run directory.
-
-    Errors are one line starting with `label` and the path (e.g. `init_from /x: no vocab.json; ...`); `task`:
-    the run must have trained that task."""
+def check_run_folder(path: str | os.PathLike, *, label: str = "pre-trained run", task: str | None = None) -> dict:
+    """The `config.json` of a run directory, after the cheap checks (run before any work): a folder with a
+    readable `config.json` (a JSON object with a `model` section) and `vocab.json` and a `checkpoints/` folder;
+    `task`: the run must have trained that task. One-line ValueErrors starting with `label` and the path."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{label} {path}: not a directory")
     for name in ("config.json", "vocab.json"):
         if not (path / name).is_file():
             raise ValueError(f"{label} {path}: no {name}; not an ehrjax run directory")
-    config = json.loads((path / "config.json").read_text())
-    if task is not None and config.get("task") != task:
-        raise ValueError(f"{label} {path}: a {config.get('task')!r} run; expected a {task!r} run")
+    config = read_json(path / "config.json", f"{label} {path}: config file")
+    if isinstance(config, dict) and task is not None and config.get("task") != task:
+        raise ValueError(f"{label} {path}: a run of task {config.get('task')}, expected {task}")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{label} {path}: config.json is not a run config (a JSON object with a 'model' section)")
     if not (path / "checkpoints").is_dir():
         raise ValueError(f"{label} {path}: no checkpoints/ folder")
+    return config
+
+
+def load_pretrained_run(
+    path: str | os.PathLike, *, label: str = "pre-trained run", task: str | None = None
+) -> PretrainedRun:
+    """Read `config.json`, `vocab.json` and the best (else latest) checkpoint's parameters of a run directory.
+
+    Errors are one line starting with `label` and the path (e.g. `init_from /x: no vocab.json; ...`); `task`:
+    the run must have trained that task. Reads only: nothing in the run's folder changes."""
+    from ehrjax.models.behrt import validate_model_config
+
+    path = Path(path)
+    config = check_run_folder(path, label=label, task=task)
     vocab = Vocab.load(path / "vocab.json")
     model_cfg = ml_collections.ConfigDict(config["model"])
-    template = nnx.eval_shape(lambda: Behrt(model_cfg, len(vocab), mlm_head=True, rngs=nnx.Rngs(params=0)))
-    checkpoints = RunCheckpoints(path / "checkpoints")
     try:
+        validate_model_config(model_cfg)
+        template = nnx.eval_shape(lambda: Behrt(model_cfg, len(vocab), mlm_head=True, rngs=nnx.Rngs(params=0)))
+    except (ValueError, KeyError, AttributeError, TypeError) as err:
+        raise ValueError(f"{label} {path}: config.json holds no usable model section ({err})") from err
+    checkpoints = RunCheckpoints(path / "checkpoints", writable=False)
+    try:
+        if checkpoints.best_step() is None and checkpoints.latest_step() is None:
+            raise ValueError(f"{label} {path}: no complete checkpoint in checkpoints/best or checkpoints/latest")
         which = "best" if checkpoints.best_step() is not None else "latest"
-        num_seeds = _num_seeds(checkpoints, which)
+        num_seeds = _num_seeds(checkpoints, which, f"{label} {path}")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((num_seeds, *x.shape), x.dtype), nnx.state(template, nnx.Param)
         )
-        params = unstack(checkpoints.restore_params(abstract, which=which), 0)
+        expected = (f"the parameters of its config.json's {model_cfg.get('preset', '')} model with "
+                    f"{len(vocab)} vocabulary entries and {num_seeds} seed(s)")  # fmt: skip
+        params = unstack(checkpoints.restore_params(abstract, which=which, expected=expected), 0)
     finally:
         checkpoints.close()
     return PretrainedRun(path=path, config=config, vocab=vocab, params=params)
 
 
-def _num_seeds(checkpoints: RunCheckpoints, which: str) -> int:
-    manager, step = checkpoints._manager(which)
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    return len(meta["best"])
+def _num_seeds(checkpoints: RunCheckpoints, which: str, where: str) -> int:
+    meta = checkpoints.restore_meta(which=which)
+    best = meta.get("best")
+    if not isinstance(best, list) or not best:
+        raise ValueError(f"{where}: checkpoint {which} has no per-seed 'best' list in its meta item")
+    return len(best)

@@ -364,6 +364,22 @@ def test_missing_extra_is_one_line(monkeypatch, tmp_path):
         read_meds(tmp_path)
 
 
+def test_a_subject_without_a_birth_row_is_aged_from_its_first_event(tmp_path):
+    """MEDS requires only subject_id, time and code: a subject without MEDS_BIRTH does not fail the dataset."""
+    root = tmp_path / "m"
+    write_shard(root / "data" / "a.parquet", [
+        (5, "1990-01-01T00:00", "MEDS_BIRTH"), (5, "2000-01-01T00:00", "X"),
+        (6, "2000-03-01T00:00", "X"), (6, "2001-03-02T00:00", "Y"),
+    ])  # fmt: skip
+    write_splits(root, {5: "train", 6: "train"})
+    cohort = read_meds(root)
+    assert cohort.patient_id.tolist() == [5, 6]
+    ages = cohort.age[cohort.offsets[1] :].tolist()
+    assert ages == [0, 12]  # months of 30.4375 days from the first event
+    assert int(cohort.birth_year[1]) == 2000 and int(cohort.birth_year[0]) == 1990
+    assert cohort.meta["subjects_without_birth"] == 1
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -372,7 +388,6 @@ def test_missing_extra_is_one_line(monkeypatch, tmp_path):
         ("unsorted", r"a\.parquet: row 2 \(subject 5\): time goes back"),
         ("split_across", r"subject 5 is also in .*a\.parquet"),
         ("empty", r"no data/\*\*/\*\.parquet shards"),
-        ("no_birth", r"subject 5 has no MEDS_BIRTH"),
         ("no_split", r"subject_splits\.parquet: no split for subject 5"),
     ],
 )
@@ -386,8 +401,6 @@ def test_bad_data_one_line_errors(tmp_path, damage, message):
         schema = pa.schema([("subject_id", pa.int64()), ("time", pa.timestamp("ns")), ("code", pa.string())])
     elif damage == "unsorted":
         rows[1], rows[2] = rows[2], rows[1]
-    elif damage == "no_birth":
-        rows = rows[1:]
     if damage == "empty":
         root.mkdir()
         (root / "data").mkdir()

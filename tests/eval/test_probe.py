@@ -91,7 +91,7 @@ def test_probe_refuses_other_tasks(smoke):
     [
         (None, "not a directory"),
         ({}, "no config.json"),
-        ({"config.json": {"task": "outcome"}, "vocab.json": {}}, "a 'outcome' run"),
+        ({"config.json": {"task": "outcome"}, "vocab.json": {}}, "a run of task outcome, expected mlm"),
     ],
 )
 def test_load_pretrained_run_errors(tmp_path, files, message):
