@@ -29,11 +29,12 @@ from ehrjax.data.batching import to_device
 from ehrjax.data.labels import OUTCOME_TASKS, outcome_labels, outcome_task
 from ehrjax.data.tasks import make_task_data, task_cohort
 from ehrjax.data.vocab import Vocab
-from ehrjax.embeddings.io import load_code_table, read_code_vectors, vocab_token_counts
+from ehrjax.embeddings.io import load_code_table, validate_embedding_file, vocab_token_counts
 from ehrjax.embeddings.med2vec import save_med2vec, train_med2vec
 from ehrjax.train.arms import Arm, arm_from_config, arm_lora_config
 from ehrjax.train.loop import config_to_dict, pretrained_table, train, validate_cohort_sizes
 from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
+from ehrjax.train.rundir import read_jsonl
 from ehrjax.train.trainer import ProgramCache
 
 
@@ -92,8 +93,12 @@ def validate(config: ml_collections.ConfigDict) -> Plan:
     plan = Plan(arms=arms, sizes=sizes, replicates=replicates, tasks=tasks)
     if config.med2vec.path and plan.needs("med2vec"):
         # Read it now: a missing file, an unknown format or a pickle without the opt-in fails before any work.
-        read_code_vectors(config.med2vec.path, codes_path=config.med2vec.codes_path or None,
-                          allow_pickle=config.med2vec.allow_pickle)  # fmt: skip
+        validate_embedding_file(config.med2vec.path, config.med2vec.codes_path or None,
+                                config.med2vec.allow_pickle, label="med2vec.path")  # fmt: skip
+    for arm in plan.neural:  # a user's table file: NaN, a wrong shape or a missing map fail before any work
+        if arm.table_from_file:
+            validate_embedding_file(arm.code_table, config.med2vec.codes_path or None, config.med2vec.allow_pickle,
+                                    label=f"arms.{arm.name}.code_table")  # fmt: skip
     return plan
 
 
@@ -118,6 +123,7 @@ class Benchmark:
         self.out = out
         self.start = time.perf_counter()
         self.started = dt.datetime.now().isoformat(timespec="seconds")
+        self.resume = resume
         self.manifest = Manifest(out, config_to_dict(config), resume=resume)
         if resume:
             _check_same_config(self.manifest, config)
@@ -186,13 +192,12 @@ class Benchmark:
                      "embeddings_from": embeddings_from, "train.epochs": c.benchmark.pretrain_epochs}  # fmt: skip
         if embed_dim is not None:
             overrides["model.embed_dim"] = embed_dim
-        if (directory / "config.json").is_file() and (directory / "checkpoints" / "latest").is_dir():
+        if self.resume and (directory / "config.json").is_file():
             overrides["resume"] = str(directory)  # an interrupted pre-training continues where it stopped
             self.say(f"{name}: resuming the interrupted run in {directory}")
         result = train(stage_config(c, **overrides), cohort=self.pretrain_cohort)
         curve = []
-        for line in (directory / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
+        for r in read_jsonl(directory / "metrics.jsonl"):
             if r.get("event") == "train" or (r.get("event") == "eval" and r.get("split") == "val"):
                 curve.append({"step": r["step"], "epoch": r["epoch"], "split": "train" if r["event"] == "train"
                               else "val", "loss": r["loss"]})  # fmt: skip
@@ -321,7 +326,7 @@ class Benchmark:
             self.cohorts()  # a resumed benchmark's cohorts must match the recorded fingerprints
         cohorts = self._timed("cohorts", self.cohorts)
         pre = {"mlm": self._timed("pretrain_mlm", lambda: self._pretrain("pretrain_mlm"))}
-        self.runs: dict[str, PretrainedRun] = {"mlm": load_pretrained_run(self.out / "pretrain_mlm")}
+        self.runs: dict[str, PretrainedRun] = {"mlm": load_pretrained_run(self.out / "pretrain_mlm", task="mlm")}
         self.vocab: Vocab = self.runs["mlm"].vocab
         med2vec = None
         if plan.needs("med2vec") or plan.needs("med2vec_mlm"):
@@ -331,7 +336,7 @@ class Benchmark:
             if plan.needs("med2vec_mlm"):
                 pre["med2vec_mlm"] = self._timed("pretrain_med2vec_mlm", lambda: self._pretrain(
                     "pretrain_med2vec_mlm", embeddings_from=self.med2vec_path, embed_dim=med2vec["dim"]))  # fmt: skip
-                self.runs["med2vec_mlm"] = load_pretrained_run(self.out / "pretrain_med2vec_mlm")
+                self.runs["med2vec_mlm"] = load_pretrained_run(self.out / "pretrain_med2vec_mlm", task="mlm")
         cells = [self.task_cell(task) for task in plan.tasks]
         grid = self._timed("finetune", lambda: self.finetune(cells))
         probe = None

@@ -68,7 +68,8 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_benchmark_writes_a_sane_report(smoke_run):
     out, stdout = smoke_run
-    for name in ("report.md", "summary.json", "manifest.json", "plots/data_efficiency.png", "plots/roc_pr.png",
+    for name in ("report.md", "summary.json", "manifest.json", "plots/heart_failure/data_efficiency.png",
+                 "plots/renal_decline/roc_pr.png",
                  "pretrain_mlm/metrics.jsonl", "pretrain_med2vec_mlm/export/code_embeddings.npz"):  # fmt: skip
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())

@@ -74,10 +74,10 @@ def test_saved_cohorts_keep_both_tasks(small, tmp_path):
 # Both tasks on the test split of generate_cohort(60_000, 0, "finetune"), before any neural arm runs: eligible
 # patients per split, prevalence among the eligible, the AUROC of the true and of the visible risk, and a
 # bag-of-codes logistic regression (full histories, age and sex; vocabulary of the training split) fitted on
-# the first 1,000 eligible training patients with C chosen on the validation split. Deterministic: 3 decimals.
+# the first 1,000 eligible training patients with C chosen by validation log loss. Deterministic: 3 decimals.
 PINNED = {
     "heart_failure": dict(eligible=(31453, 3995, 3977), prevalence=0.106, true=0.817, visible=0.803, logreg=0.778),
-    "renal_decline": dict(eligible=(32723, 4153, 4119), prevalence=0.099, true=0.751, visible=0.748, logreg=0.726),
+    "renal_decline": dict(eligible=(32723, 4153, 4119), prevalence=0.099, true=0.751, visible=0.748, logreg=0.713),
 }
 TOLERANCE = 0.002
 LOGREG_TRAIN_SIZE = 1000
