@@ -243,8 +243,8 @@ def _reference_run(cell: CellData, arm: str, size: int, replicate: int, probabil
 def run_baseline_cell(kind: str, cell: CellData, size: int, replicates: Sequence[int], *, out: Path,
                       arm: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     """`logreg` (code counts + age + sex, C tuned) or `trees` (count / recency / first-seen features + age, sex,
-    visit counts; tree size tuned) on every replicate's labelled set, each tuned on the validation patients by
-    log loss. Returns the runs and the tuning record."""
+    visit counts; tree size and boosting rounds tuned) on every replicate's labelled set, each tuned on the
+    validation patients by log loss. Returns the runs and the tuning record."""
     data, y = cell.data, cell.data.labels[:, 0]
     rows, _ = cell.eval_rows()
     runs, chosen, losses = [], [], []
@@ -265,7 +265,8 @@ def run_baseline_cell(kind: str, cell: CellData, size: int, replicates: Sequence
         else:
             fitted = fit_trees(x_train, y[train], x_val, y[cell.val])
             name = "max_leaf_nodes"
-            hparam, grid_losses = {name: fitted.params[name]}, list(fitted.val_log_losses)
+            hparam = {name: fitted.params[name], "rounds": fitted.params["max_iter"]}
+            grid_losses = list(fitted.val_log_losses)
             candidates = [c[name] for c in fitted.candidates]
         chosen.append(next(iter(hparam.values())))
         losses.append(grid_losses)

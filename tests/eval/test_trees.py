@@ -120,23 +120,28 @@ def noisy_threshold(n, seed):
     return x, y
 
 
-def test_fit_trees_keeps_the_lowest_validation_log_loss():
+def test_fit_trees_keeps_the_lowest_validation_log_loss_over_candidates_and_rounds():
     (x_tr, y_tr), (x_va, y_va) = noisy_threshold(400, 0), noisy_threshold(300, 1)
-    # One round barely leaves the prior; 31-leaf trees at learning rate 1 on leaves of one row overfit.
+    # One round barely leaves the prior; 31-leaf trees at learning rate 1 on leaves of one row overfit after a
+    # few rounds, so their best round is early and still worse than the 7-leaf trees'.
     grid = (
         {"max_iter": 1},
         {"max_iter": 30, "max_leaf_nodes": 7},
         {"max_iter": 30, "max_leaf_nodes": 31, "learning_rate": 1.0, "min_samples_leaf": 1},
     )
     fit = fit_trees(x_tr, y_tr, x_va, y_va, grid=grid, n_threads=1)
-    refit = []
+    best, rounds, final = [], [], []
     for candidate in grid:
         with threadpool_limits(limits=1, user_api="openmp"):  # the shared test machine (see fit_trees)
             model = HistGradientBoostingClassifier(**{**TREE_BASE_PARAMS, **candidate}).fit(x_tr, y_tr)
-            refit.append(log_loss(y_va, model.predict_proba(x_va)[:, 1]))
-    np.testing.assert_allclose(fit.val_log_losses, refit)
-    assert int(np.argmin(refit)) == 1 and min(refit[0], refit[2]) > refit[1] + 0.05
-    assert fit.params == {**TREE_BASE_PARAMS, **grid[1]} and fit.candidates == grid
+            staged = [log_loss(y_va, p[:, 1]) for p in model.staged_predict_proba(x_va)]
+        best.append(min(staged))
+        rounds.append(int(np.argmin(staged)) + 1)
+        final.append(staged[-1])
+    np.testing.assert_allclose(fit.val_log_losses, best)
+    assert fit.rounds == tuple(rounds) and rounds[0] == 1 and rounds[2] < 30 and final[2] > best[2] + 0.05
+    assert int(np.argmin(best)) == 1 and min(best[0], best[2]) > best[1] + 0.02
+    assert fit.params == {**TREE_BASE_PARAMS, **grid[1], "max_iter": rounds[1]} and fit.candidates == grid
     assert fit.val_log_loss == pytest.approx(log_loss(y_va, fit.predict_proba(x_va)))
     assert fit.val_auroc == pytest.approx(roc_auc_score(y_va, fit.predict_proba(x_va)))
 
