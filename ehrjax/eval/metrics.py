@@ -72,24 +72,6 @@ def mlm_metrics(labels: np.ndarray, logits: np.ndarray, max_codes: int | None = 
     return out
 
 
-def bootstrap_ci(
-    labels: np.ndarray, scores: np.ndarray, metric: str = "auroc", n_boot: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """95% percentile bootstrap interval of a binary metric over patients."""
-    labels, scores = np.asarray(labels), np.asarray(scores)
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(labels), len(labels))
-        value = binary_metrics(labels[idx], scores[idx])[metric]
-        if np.isfinite(value):
-            values.append(value)
-    if not values:
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def histogram_metrics(hist_pos: np.ndarray, hist_neg: np.ndarray) -> dict[str, float]:
     """Macro one-vs-rest AUROC, AP and PR-AUC from per-code score histograms f[K, bins] (bins in increasing
     score order) of the positives and negatives of each code; codes without a positive or a negative are left

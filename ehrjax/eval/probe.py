@@ -4,7 +4,8 @@ The encoder is frozen; each patient becomes `concat(h[CLS], mean of h over the p
 (hidden states of a deterministic forward over packed batches; a patient attends only to its own tokens, so
 its representation does not depend on its row mates). A standardised L2 logistic regression is fitted on the
 training split with C chosen on the validation split, and scored on the test split: AUROC with a 95%
-percentile bootstrap interval over test patients. Next to it, on the same test patients:
+percentile bootstrap interval over test patients (`ehrjax.eval.stats`: every arm and every paired difference
+reads the same patient resamples). Next to it, on the same test patients:
 
 - `random`: the same probe on a randomly initialised encoder of the same shape, drawn as a run with the same
   seed draws it (`nnx.Rngs(params=seed)`): the pre-trained encoder before any training, when seeds agree;
@@ -27,14 +28,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from sklearn.metrics import roc_auc_score
 
 from ehrjax import atomic
 from ehrjax.data.batching import DeviceBatcher, batch_at
 from ehrjax.data.tasks import TaskData
 from ehrjax.data.vocab import Vocab
+from ehrjax.eval import stats
 from ehrjax.eval.logreg import DEFAULT_CS, bag_of_codes_features, fit_logreg
-from ehrjax.eval.metrics import binary_metrics, bootstrap_ci
+from ehrjax.eval.metrics import binary_metrics
 from ehrjax.models.behrt import INPUT_KEYS, Behrt, load_pretrained
 from ehrjax.models.heads import gather_positions
 
@@ -89,41 +90,18 @@ def patient_representations(
     return out[patients]
 
 
-def paired_auroc_difference(
-    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, n_boot: int = 1000, seed: int = 0
-) -> dict[str, float]:
-    """AUROC(a) - AUROC(b) on the same patients, with a 95% percentile bootstrap interval from resampling
-    patients once for both scorers (paired: the shared noise of the test set cancels, so the interval is
-    much narrower than the two separate ones). Resamples with one class only are skipped."""
-    labels = np.asarray(labels)
-    scores_a, scores_b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
-    if not (len(labels) == len(scores_a) == len(scores_b)):
-        raise ValueError(f"labels and scores disagree in length: {len(labels)}, {len(scores_a)}, {len(scores_b)}")
-    rng = np.random.default_rng(seed)
-    deltas = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(labels), len(labels))
-        if 0 < labels[idx].sum() < len(idx):
-            deltas.append(roc_auc_score(labels[idx], scores_a[idx]) - roc_auc_score(labels[idx], scores_b[idx]))
-    delta = float(roc_auc_score(labels, scores_a) - roc_auc_score(labels, scores_b))
-    low, high = np.percentile(deltas, [2.5, 97.5]) if deltas else (np.nan, np.nan)
-    return {"delta": delta, "ci_low": float(low), "ci_high": float(high)}
-
-
-def _score(labels: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> dict[str, float]:
-    metrics = binary_metrics(labels, scores)
-    low, high = bootstrap_ci(labels, scores, "auroc", n_boot=n_boot, seed=seed)
+def _score(labels: np.ndarray, scores: np.ndarray, reps: stats.Replicates) -> dict[str, float]:
+    metrics, (_, low, high) = binary_metrics(labels, scores), stats.interval(reps)
     return {"auroc": metrics["auroc"], "ci_low": low, "ci_high": high, "ap": metrics["ap"]}
 
 
 def _probe_arm(features: np.ndarray, y: np.ndarray, rows: dict[str, np.ndarray], cs: Sequence[float], *,
-               standardize: bool, n_boot: int, seed: int) -> tuple[dict[str, float], np.ndarray]:  # fmt: skip
-    """Logistic regression on `features` (rows aligned with `y`; `rows` = positions of each split): its test
-    metrics and test probabilities."""
+               standardize: bool) -> tuple[dict[str, float], np.ndarray]:  # fmt: skip
+    """Logistic regression on `features` (rows aligned with `y`; `rows` = positions of each split): its C, its
+    validation AUROC and its test probabilities."""
     fit = fit_logreg(features[rows["train"]], y[rows["train"]], features[rows["val"]], y[rows["val"]], cs,
                      standardize=standardize)  # fmt: skip
-    scores = fit.predict_proba(features[rows["test"]])
-    return {**_score(y[rows["test"]], scores, n_boot, seed), "C": fit.C, "val_auroc": fit.val_auroc}, scores
+    return {"C": fit.C, "val_auroc": fit.val_auroc}, fit.predict_proba(features[rows["test"]])
 
 
 def run_probe(
@@ -161,21 +139,22 @@ def run_probe(
     rows = {s: np.arange(bounds[i], bounds[i + 1]) for i, s in enumerate(SPLITS)}
     y = task_data.labels[patients, 0].astype(np.int64)
     y_test = y[rows["test"]]
-    common = dict(n_boot=n_boot, seed=seed)
 
-    arms: dict[str, dict[str, float]] = {}
+    fitted: dict[str, dict[str, float]] = {}
     scores: dict[str, np.ndarray] = {}
     for name, model in (("pretrained", pretrained), ("random", random_model)):
         features = patient_representations(model, task_data.corpus, patients, data_cfg, seed)
-        arms[name], scores[name] = _probe_arm(features, y, rows, cs, standardize=True, **common)
+        fitted[name], scores[name] = _probe_arm(features, y, rows, cs, standardize=True)
     bag = bag_of_codes_features(task_data.corpus, patients, vocab_size, sex=task_data.cohort.sex[patients])
-    arms["bag_of_codes"], scores["bag_of_codes"] = _probe_arm(bag, y, rows, cs, standardize=False, **common)
+    fitted["bag_of_codes"], scores["bag_of_codes"] = _probe_arm(bag, y, rows, cs, standardize=False)
     scores["oracle"] = np.asarray(task_data.cohort.labels["outcome_p"], dtype=np.float64)[patients[rows["test"]]]
-    arms["oracle"] = _score(y_test, scores["oracle"], **common)
-    differences = {
-        f"pretrained - {other}": paired_auroc_difference(y_test, scores["pretrained"], scores[other], **common)
-        for other in ("random", "bag_of_codes", "oracle")
-    }
+    # One set of patient resamples for every arm: each interval and each paired difference reads the same draws.
+    reps = {name: stats.replicates(y_test, s, "auroc", n_boot, seed) for name, s in scores.items()}
+    arms = {name: {**_score(y_test, scores[name], reps[name]), **fitted.get(name, {})} for name in scores}
+    differences = {}
+    for other in ("random", "bag_of_codes", "oracle"):
+        delta, low, high = stats.difference(reps["pretrained"], reps[other])
+        differences[f"pretrained - {other}"] = {"delta": delta, "ci_low": low, "ci_high": high}
     return {
         "task": "outcome",
         "n": dict(zip(SPLITS, sizes, strict=True)),

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from sklearn.metrics import roc_auc_score
 
 from ehrjax.config import load_config_file
 from ehrjax.data.tasks import build_task_data
@@ -19,7 +18,6 @@ from ehrjax.eval.probe import (
     ARMS,
     format_table,
     load_pretrained_run,
-    paired_auroc_difference,
     patient_representations,
     pool_segments,
     run_probe,
@@ -144,17 +142,3 @@ def test_cli_probes_a_pretrained_run(tmp_path):
     assert set(scores) == {"unigram", "copy", "model"}
     assert scores["unigram"]["n"] == scores["copy"]["n"] == scores["model"]["n"]
     assert scores["copy"]["loss"] < scores["unigram"]["loss"]
-
-
-def test_paired_auroc_difference():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 300)
-    perfect = labels + 0.1 * rng.random(300)
-    noise = rng.random(300)
-    same = paired_auroc_difference(labels, noise, noise, n_boot=100)
-    assert same == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0}
-    better = paired_auroc_difference(labels, perfect, noise, n_boot=100)
-    assert better["delta"] == pytest.approx(1.0 - roc_auc_score(labels, noise))
-    assert 0 < better["ci_low"] <= better["delta"] <= better["ci_high"]
-    with pytest.raises(ValueError, match="disagree in length"):
-        paired_auroc_difference(labels, perfect[:10], noise)
