@@ -54,13 +54,6 @@ SEX_CODES: dict[str, int] = {"GENDER//F": 0, "GENDER//M": 1}
 _RESERVED: dict[str, int] = {BIRTH_CODE: -1, "GENDER//F": -2, "GENDER//M": -3}
 MEDS_SPLITS: tuple[str, ...] = ("train", "tuning", "held_out")  # SPLITS (train, val, test) in MEDS words
 DEFAULT_SHARD_SIZE = 50_000
-PREDICTION_COLUMNS: tuple[str, ...] = (
-    "subject_id",
-    "prediction_time",
-    "boolean_value",
-    "predicted_boolean_value",
-    "predicted_boolean_probability",
-)
 
 
 def _require() -> tuple[Any, Any, Any]:

@@ -70,7 +70,6 @@ from ehrjax.models.behrt import CODE_TABLE_PATH, path_names
 
 MED2VEC_KEYS: frozenset[str] = frozenset({"W_emb", "b_emb", "W_hidden", "b_hidden", "W_output", "b_output"})
 EHRJAX_TABLE_KEY = "code_embeddings"  # ehrjax.train.export.export_code_table: rows = vocab ids, vocab.json beside
-TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".vec", ".w2v")
 HF_TABLE_SUFFIX = "embeddings.word_embeddings.weight"  # BERT-style input embeddings in a Hugging Face model
 RESCALE_MODES: tuple[str, ...] = ("match_init", "standardize", "none")
 MISSING_INITS: tuple[str, ...] = ("normal", "zeros")

@@ -39,7 +39,6 @@ from ehrjax.eval.metrics import binary_metrics
 from ehrjax.models.behrt import INPUT_KEYS, Behrt, load_pretrained
 from ehrjax.models.heads import gather_positions
 
-ARMS: tuple[str, ...] = ("pretrained", "random", "bag_of_codes", "oracle")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 

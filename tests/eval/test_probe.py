@@ -15,7 +15,6 @@ from ehrjax.config import load_config_file
 from ehrjax.data.tasks import build_task_data
 from ehrjax.eval.baselines import main as baselines_main
 from ehrjax.eval.probe import (
-    ARMS,
     format_table,
     load_pretrained_run,
     patient_representations,
@@ -25,6 +24,7 @@ from ehrjax.eval.probe import (
 from ehrjax.models.behrt import Behrt
 
 ROOT = Path(__file__).resolve().parents[2]
+ARMS = ("pretrained", "random", "bag_of_codes", "oracle")  # the probe's arms, in result order
 
 
 @pytest.fixture(scope="module")
