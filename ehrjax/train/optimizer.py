@@ -16,7 +16,7 @@ updates and `set_to_zero` holds no state, so the optimiser carries moments for t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -66,19 +66,6 @@ def param_labels(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: param_label(path_names(path), leaf), params, is_leaf=_is_variable
     )
-
-
-def partition_filter(labels: Collection[str]) -> Callable[[tuple, Any], bool]:
-    """An nnx filter selecting the params whose label is in `labels`, for `nnx.split` / `nnx.state`.
-
-    E.g. `nnx.split(model, partition_filter({'lora', 'head'}), nnx.Param, ...)` -> trainable, frozen, rest.
-    """
-    labels = _check_labels(labels, "labels")
-
-    def select(path: tuple, value: Any) -> bool:
-        return isinstance(value, nnx.Param) and param_label(tuple(map(str, path)), value) in labels
-
-    return select
 
 
 def _check_labels(labels: Collection[str], what: str) -> frozenset[str]:
@@ -186,11 +173,6 @@ def make_optimizer(
     train_tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), adamw) if optim.clip_norm else adamw
     groups = jax.tree.map(lambda label: "trainable" if label in trainable else "frozen", labels)
     return optax.partition({"trainable": train_tx, "frozen": optax.set_to_zero()}, groups)
-
-
-def state_size(tree: Any) -> int:
-    """Number of array elements in a pytree (params, gradients, optimiser state)."""
-    return int(sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size")))
 
 
 @dataclasses.dataclass(frozen=True)
