@@ -3,8 +3,8 @@
 Binary outcome: AUROC, average precision (AP) and PR-AUC (trapezoidal area under the PR curve).
 Multi-label next visit: APS and AUROC with `average='samples'` as in the BEHRT paper; rows with no positive
 (or no negative) label have no defined per-sample score and are left out (their number is reported).
-MLM: loss, top-1/top-10 accuracy, and the reference study's macro one-vs-rest ROC-AUC, AP and PR-AUC over the
-codes that appear among the masked labels.
+MLM: the reference study's macro one-vs-rest ROC-AUC, AP and PR-AUC over the codes that appear among the
+masked labels, from per-code score histograms accumulated on device (loss and top-k accuracy are counted there).
 """
 
 from __future__ import annotations
@@ -43,32 +43,6 @@ def multilabel_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, floa
     out["auroc"] = (
         float(roc_auc_score(labels[auc_rows], scores[auc_rows], average="samples")) if auc_rows.any() else float("nan")
     )
-    return out
-
-
-def mlm_metrics(labels: np.ndarray, logits: np.ndarray, max_codes: int | None = 200) -> dict[str, float]:
-    """labels: int[n] masked-code ids; logits: float[n, V] at those positions.
-
-    Macro one-vs-rest ROC-AUC / AP / PR-AUC are averaged over the (at most `max_codes` most frequent) codes
-    present among the labels, each scored by its own logit column.
-    """
-    labels = np.asarray(labels)
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    top10 = np.argsort(-logits, axis=1)[:, :10]
-    out = {
-        "n": float(len(labels)),
-        "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
-        "top1": float((top10[:, 0] == labels).mean()),
-        "top10": float((top10 == labels[:, None]).any(axis=1).mean()),
-    }
-    codes, counts = np.unique(labels, return_counts=True)
-    codes = codes[np.argsort(-counts, kind="stable")][:max_codes]
-    per_code = [binary_metrics(labels == code, log_probs[:, code]) for code in codes if (labels != code).any()]
-    for key in ("auroc", "ap", "pr_auc"):
-        values = [m[key] for m in per_code if np.isfinite(m[key])]
-        out[f"macro_{key}"] = float(np.mean(values)) if values else float("nan")
     return out
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ehrjax.eval.metrics import binary_metrics, mlm_metrics, multilabel_metrics
+from ehrjax.eval.metrics import binary_metrics, histogram_metrics, multilabel_metrics
 
 
 def test_binary_metrics_exact_values():
@@ -26,11 +26,16 @@ def test_multilabel_drops_rows_without_positive():
     assert m["auroc"] == pytest.approx((1.0 + 0.5) / 2)
 
 
-def test_mlm_metrics_perfect_and_chance():
-    labels = np.array([5, 6, 7, 5])
-    logits = np.full((4, 10), -5.0)
-    logits[np.arange(4), labels] = 5.0
-    m = mlm_metrics(labels, logits)
-    assert m["top1"] == 1.0 and m["top10"] == 1.0 and m["macro_auroc"] == 1.0
-    uniform = mlm_metrics(labels, np.zeros((4, 10)))
-    assert uniform["loss"] == pytest.approx(np.log(10))
+def test_histogram_metrics_with_one_score_per_bin_equal_the_exact_ones():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=60)  # each of 4 codes one-vs-rest over 60 masked positions
+    scores = rng.normal(size=(4, 60))  # distinct: no ties
+    order = np.argsort(scores, axis=1)  # bins in increasing score order, one score each
+    positive = labels[order] == np.arange(4)[:, None]
+    m = histogram_metrics(positive.astype(float), (~positive).astype(float))
+    exact = [binary_metrics(labels == k, scores[k]) for k in range(4)]
+    assert m["codes"] == 4
+    assert m["macro_auroc"] == pytest.approx(np.mean([e["auroc"] for e in exact]))
+    assert m["macro_ap"] == pytest.approx(np.mean([e["ap"] for e in exact]))
+    one_class = histogram_metrics(np.array([[1.0, 2.0], [0.0, 0.0]]), np.array([[0.0, 0.0], [1.0, 1.0]]))
+    assert one_class["codes"] == 0 and np.isnan(one_class["macro_auroc"])
