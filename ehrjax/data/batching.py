@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -436,9 +435,6 @@ def _gather(group: BatchGroup, i: jax.Array | int) -> Batch:
     return gather_batch(group.corpus, group.patient_index[i], group.cls_index[i], group.row_len, group.mesh)
 
 
-_gather_jit = jax.jit(_gather)
-
-
 def batch_at(plan: EpochPlan | BatchGroup, i: jax.Array | int) -> Batch:
     """Batch `i` of an epoch plan (its `order[i]`), or of one batch group: a pure, jit-able gather from the
     device corpus.
@@ -702,16 +698,6 @@ class DeviceBatcher:
             for (p, c), (_, length) in zip(parts, self.shapes, strict=True)
         )
         return EpochPlan(groups=groups, order=sequence, epoch=int(epoch))
-
-    def batch(self, plan: EpochPlan, k: int) -> Batch:
-        """The `k`-th batch of the epoch (jitted gather, one compilation per shape)."""
-        g, j = (int(x) for x in plan.order[k])
-        return _gather_jit(plan.groups[g], j)
-
-    def iterate(self, plan: EpochPlan) -> Iterator[Batch]:
-        """The epoch's batches in plan order."""
-        for k in range(plan.num_batches):
-            yield self.batch(plan, k)
 
 
 def padding_report(

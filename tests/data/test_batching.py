@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -77,10 +78,25 @@ def lognormal_lengths(n: int, max_len: int, seed: int = 0) -> np.ndarray:
     return np.clip(rng.lognormal(2.744, 0.975, n).round(), 3, max_len).astype(np.int64)
 
 
-def check_epoch(batcher: DeviceBatcher, corpus: TokenizedCorpus, plan) -> list[int]:
+_group_batch = jax.jit(batch_at)  # one compilation per batch shape
+
+
+def plan_batch(plan, k: int) -> dict:
+    """The `k`-th batch of an epoch plan (the group and index its `order[k]` names)."""
+    g, j = (int(x) for x in plan.order[k])
+    return _group_batch(plan.groups[g], j)
+
+
+def plan_batches(plan) -> Iterator[dict]:
+    """The epoch's batches in plan order."""
+    for k in range(plan.num_batches):
+        yield plan_batch(plan, k)
+
+
+def check_epoch(corpus: TokenizedCorpus, plan) -> list[int]:
     """Fetch every batch of `plan`, check each row against the corpus and return the patients in order."""
     seen: list[int] = []
-    for batch in batcher.iterate(plan):
+    for batch in plan_batches(plan):
         b = jax.device_get(batch)
         rows, row_len = b["codes"].shape
         expected = {k: np.zeros((rows, row_len), np.int32) for k in ("codes", "ages", "visits", "segment_ids")}
@@ -212,16 +228,16 @@ def test_every_patient_exactly_once_and_reconstructed(seed, n, mode, max_len, wi
     batcher = make_batcher(corpus, mode, row_len=max_len * (2 if wide else 1), seed=seed, patients=patients)
     plan = batcher.plan_epoch(epoch)
     assert plan.num_batches == batcher.num_batches
-    seen = check_epoch(batcher, corpus, plan)
+    seen = check_epoch(corpus, plan)
     assert sorted(seen) == sorted(patients.tolist())  # no drops, no duplicates, the last batch included
     assert len(plan.groups) == len(batcher.shapes)
     assert sum(g.num_batches for g in plan.groups) == plan.num_batches
 
 
-def patient_hidden_states(batcher: DeviceBatcher, plan, encode) -> dict[int, np.ndarray]:
+def patient_hidden_states(plan, encode) -> dict[int, np.ndarray]:
     """Per patient of the plan, the encoder's hidden states at its tokens: f32[length, hidden]."""
     out = {}
-    for batch in batcher.iterate(plan):
+    for batch in plan_batches(plan):
         hidden = np.asarray(encode(*(batch[k] for k in ("codes", "ages", "visits", "segment_ids"))))
         patient, cls, length = (np.asarray(batch[k]) for k in ("patient_index", "cls_index", "segment_ids"))
         for r, s in zip(*np.nonzero(patient >= 0), strict=True):
@@ -250,12 +266,12 @@ def check_model_output_per_patient(seed: int, n: int, modes: tuple[str, ...]) ->
     corpus = tokenize(random_cohort(seed, n), VOCAB, 16)
     encode = tiny_encoder()
     one_per_row = make_batcher(corpus, "pad_max")
-    reference = patient_hidden_states(one_per_row, one_per_row.plan_epoch(0), encode)
+    reference = patient_hidden_states(one_per_row.plan_epoch(0), encode)
     assert sorted(reference) == list(range(n))
     for mode in modes:
         batcher = make_batcher(corpus, mode, row_len=32)
         for epoch in (0, 1):
-            got = patient_hidden_states(batcher, batcher.plan_epoch(epoch), encode)
+            got = patient_hidden_states(batcher.plan_epoch(epoch), encode)
             assert sorted(got) == list(range(n)), mode
             for p, h in reference.items():
                 np.testing.assert_allclose(got[p], h, atol=2e-5, err_msg=f"{mode} epoch {epoch} patient {p}")
@@ -338,7 +354,7 @@ def test_batch_at_under_jit_with_a_traced_index():
 
         total, patient_index = epoch(plan)
         assert int(total) == corpus.num_tokens
-        eager = np.stack([np.asarray(batcher.batch(plan, k)["patient_index"]) for k in range(plan.num_batches)])
+        eager = np.stack([np.asarray(plan_batch(plan, k)["patient_index"]) for k in range(plan.num_batches)])
         np.testing.assert_array_equal(patient_index, eager)
 
 
@@ -347,7 +363,7 @@ def test_bucket_plan_needs_a_concrete_index():
     batcher = make_batcher(corpus, "bucket")
     plan = batcher.plan_epoch(0)
     assert len(plan.groups) > 1
-    assert batch_at(plan, 0)["codes"].shape == batcher.batch(plan, 0)["codes"].shape
+    assert batch_at(plan, 0)["codes"].shape == plan_batch(plan, 0)["codes"].shape
     with pytest.raises(ValueError, match="concrete batch index"):
         jax.jit(batch_at)(plan, 0)
     group = plan.groups[0]
@@ -385,7 +401,7 @@ def test_task_labels_are_gathered_per_slot():
     assert has_next.tolist() == [True, False, True, False, True, True]
     for labels in (y, multi_hot):
         batcher = make_batcher(corpus, "pack", row_len=32, labels=labels, patients=np.flatnonzero(eligible))
-        for batch in batcher.iterate(batcher.plan_epoch(0)):
+        for batch in plan_batches(batcher.plan_epoch(0)):
             index = np.asarray(batch["patient_index"])
             got = np.asarray(batch["labels"])
             assert got.dtype == np.float32 and got.shape == index.shape + labels.shape[1:]
@@ -433,7 +449,7 @@ def test_from_config_and_a_shared_device_corpus():
         patients = np.flatnonzero(cohort.split_mask(split))
         batcher = DeviceBatcher.from_config(data, corpus, seed=0, patients=patients, device_corpus=shared)
         assert batcher.corpus is shared and batcher.mode == "pack"
-        seen += check_epoch(batcher, corpus, batcher.plan_epoch(0, shuffle=False))
+        seen += check_epoch(corpus, batcher.plan_epoch(0, shuffle=False))
     assert sorted(seen) == list(range(90))
 
 
@@ -444,7 +460,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     import sys
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
-    from test_batching import VOCAB, random_cohort
+    from test_batching import VOCAB, plan_batch, random_cohort
     from ehrjax.data.batching import DeviceBatcher
     from ehrjax.data.tokenize import tokenize
 
@@ -459,7 +475,7 @@ SHARDED_SCRIPT = textwrap.dedent(
         single = DeviceBatcher(corpus, mode=mode, **kw)
         plan_s, plan_1 = sharded.plan_epoch(2), single.plan_epoch(2)
         for k in range(plan_s.num_batches):
-            a, b = sharded.batch(plan_s, k), single.batch(plan_1, k)
+            a, b = plan_batch(plan_s, k), plan_batch(plan_1, k)
             assert a.keys() == b.keys()
             for key in a:
                 np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
