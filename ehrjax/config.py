@@ -7,8 +7,10 @@ given on the command line (`--config.data.row_len=256`). Model size presets foll
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -251,6 +253,24 @@ def gpu_config(name: str, batch_scale: int = 1) -> ml_collections.ConfigDict:
     c.benchmark.finetune_rows_per_batch = 32
     c.benchmark.max_val_patients = 5000
     return c
+
+
+def fill_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config (a run's `config.json`) with every key of `base_config()` it lacks set to that
+    key's default, section by section: a run written before a key existed reads as the key's default (e.g.
+    `model.mlm_copy` False), so code below this edge reads each key as an attribute. Saved values are kept,
+    and so are saved keys the schema no longer has."""
+
+    def fill(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        out = dict(values)
+        for key, default in defaults.items():
+            if key not in out:
+                out[key] = default
+            elif isinstance(default, dict) and isinstance(out[key], dict):
+                out[key] = fill(out[key], default)
+        return out
+
+    return fill(saved, json.loads(base_config().to_json()))
 
 
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:

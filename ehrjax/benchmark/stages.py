@@ -175,7 +175,7 @@ class Benchmark:
                                         ("finetune", self.finetune_cohort, c.finetune)):  # fmt: skip
             hashes = patient_hashes(cohort)
             save_patient_hashes(self.out / "cohorts" / f"{stream}_patient_hashes.npz", hashes)
-            fingerprints[stream] = {**cohort_fingerprint(cohort, hashes), "source": c.data.get("source", "synthetic"),
+            fingerprints[stream] = {**cohort_fingerprint(cohort, hashes), "source": c.data.source,
                                     "seed": int(section.seed)}  # fmt: skip
         done = self.manifest.done("cohorts")
         if done is not None:

@@ -20,13 +20,13 @@ SOURCES: tuple[str, ...] = ("synthetic", "meds")
 
 def validate_data_source(data: Any) -> None:
     """One-line errors for the `data.source` keys of a config's `data` section."""
-    source = data.get("source", "synthetic")
+    source = data.source
     if source not in SOURCES:
         raise ValueError(f"data.source {source!r} unknown; expected one of {SOURCES}")
     if source == "meds":
-        if not data.get("meds_dir"):
+        if not data.meds_dir:
             raise ValueError("data.source is 'meds' but data.meds_dir is empty: set it to a MEDS dataset folder")
-        if data.get("meds_visit_hours", 0.0) < 0:
+        if data.meds_visit_hours < 0:
             raise ValueError(f"data.meds_visit_hours must be >= 0, got {data.meds_visit_hours}")
 
 
@@ -37,18 +37,18 @@ def task_cohort(config: Any, task: str) -> Cohort:
     if task not in TASKS:
         raise ValueError(f"task {task!r} unknown; expected one of {TASKS}")
     validate_data_source(config.data)
-    if config.data.get("source", "synthetic") == "synthetic":
+    if config.data.source == "synthetic":
         section = config.pretrain if task == "mlm" else config.finetune
         stream = "pretrain" if task == "mlm" else "finetune"
         return generate_cohort(section.num_patients, section.seed, stream, config.data.num_noise_codes)
     from ehrjax.data.meds import read_meds
 
-    visit_hours = float(config.data.get("meds_visit_hours", 0.0))
+    visit_hours = float(config.data.meds_visit_hours)
     if task == "mlm":
-        return read_meds(config.data.get("meds_pretrain_dir") or config.data.meds_dir, visit_hours=visit_hours)
+        return read_meds(config.data.meds_pretrain_dir or config.data.meds_dir, visit_hours=visit_hours)
     if task == "next_visit":
         raise ValueError("task 'next_visit' needs next-visit labels, which MEDS label files do not carry; use "
                          "data.source='synthetic'")  # fmt: skip
-    if not config.data.get("meds_labels"):
+    if not config.data.meds_labels:
         raise ValueError(f"task {task!r} on MEDS data needs data.meds_labels: a folder of MEDS label files")
     return read_meds(config.data.meds_dir, labels_dir=config.data.meds_labels, visit_hours=visit_hours)

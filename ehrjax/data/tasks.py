@@ -155,7 +155,7 @@ def build_task_data(
     """`make_task_data` for the config's cohort (`pretrain` stream for mlm, `finetune` otherwise); `cohort`: that
     cohort already at hand (the benchmark holds it), instead of generating or reading it again."""
     task = task or config.task
-    train_size = config.finetune.get("train_size", 0) if task != "mlm" else 0
+    train_size = config.finetune.train_size if task != "mlm" else 0
     cohort = cohort if cohort is not None else task_cohort(config, task)
     return make_task_data(cohort, task, max_len=config.data.max_len, vocab=vocab, min_count=config.data.min_count,
                           train_size=train_size)  # fmt: skip

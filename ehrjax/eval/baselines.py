@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from ehrjax.atomic import read_json, write_json
     from ehrjax.cli import error_line
+    from ehrjax.config import fill_defaults
 
     try:
         for name in ("config.json", "vocab.json"):
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict) for k in ("data", "train")):
             raise ValueError(f"run {args.run_dir}: config.json is not a run config (a JSON object with 'data' and "
                              "'train' sections)")  # fmt: skip
-        config = ml_collections.ConfigDict(saved)
+        config = ml_collections.ConfigDict(fill_defaults(saved))
         if config.get("task") != "mlm":
             raise ValueError(f"run {args.run_dir}: a run of task {config.get('task')}, expected mlm")
         metrics = args.run_dir / "metrics.jsonl"

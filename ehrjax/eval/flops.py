@@ -77,8 +77,8 @@ class FlopModel:
             num_layers=model_cfg.num_layers,
             mlp_dim=model_cfg.mlp_dim,
             vocab_size=vocab_size,
-            tied=bool(model_cfg.get("tie_mlm", False)),
-            copy=bool(model_cfg.get("mlm_copy", False)),
+            tied=bool(model_cfg.tie_mlm),
+            copy=bool(model_cfg.mlm_copy),
         )
 
     @property

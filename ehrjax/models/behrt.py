@@ -136,7 +136,7 @@ class Behrt(nnx.Module):
                 model_cfg.embed_dim,
                 vocab_size,
                 tied=bool(model_cfg.tie_mlm),
-                copy=bool(model_cfg.get("mlm_copy", False)),
+                copy=bool(model_cfg.mlm_copy),
                 dtype=dtype,
                 rngs=rngs,
             )

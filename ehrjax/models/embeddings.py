@@ -60,7 +60,7 @@ class BehrtEmbeddings(nnx.Module):
         if cfg.position == "learned":
             self.position = nnx.Embed(cfg.max_visits, cfg.hidden_dim, embedding_init=EMBED_INIT, rngs=rngs)
         self.norm = nnx.LayerNorm(cfg.hidden_dim, dtype=dtype, rngs=rngs)
-        self.dropout = Dropout(cfg.dropout, cfg.get("dropout_bits", 32))
+        self.dropout = Dropout(cfg.dropout, cfg.dropout_bits)
 
     def __call__(
         self,

@@ -101,7 +101,7 @@ class SelfAttention(nnx.Module):
         hidden = cfg.hidden_dim
         self.num_heads = cfg.num_heads
         self.head_dim = hidden // cfg.num_heads
-        self.interpret = bool(cfg.get("attention_interpret", False))
+        self.interpret = bool(cfg.attention_interpret)
         self.implementation = resolve_attention_impl(cfg.attention_impl, self.interpret)
         self.q = LoRADense(hidden, hidden, target="q", dtype=dtype, rngs=rngs)
         # No key bias: it adds q.b_k to every logit of a query, which softmax ignores, so its gradient is
@@ -109,7 +109,7 @@ class SelfAttention(nnx.Module):
         self.k = LoRADense(hidden, hidden, target="k", use_bias=False, dtype=dtype, rngs=rngs)
         self.v = LoRADense(hidden, hidden, target="v", dtype=dtype, rngs=rngs)
         self.o = LoRADense(hidden, hidden, target="o", dtype=dtype, rngs=rngs)
-        self.attn_dropout = Dropout(cfg.attention_dropout, cfg.get("dropout_bits", 32))
+        self.attn_dropout = Dropout(cfg.attention_dropout, cfg.dropout_bits)
 
     def __call__(
         self, x: jax.Array, segment_ids: jax.Array, *, deterministic: bool = True, rngs: jax.Array | None = None
@@ -151,7 +151,7 @@ class EncoderLayer(nnx.Module):
         self.mlp_norm = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs)
         self.mlp_in = LoRADense(hidden, cfg.mlp_dim, target="mlp_in", dtype=dtype, rngs=rngs)
         self.mlp_out = LoRADense(cfg.mlp_dim, hidden, target="mlp_out", dtype=dtype, rngs=rngs)
-        self.dropout = Dropout(cfg.dropout, cfg.get("dropout_bits", 32))
+        self.dropout = Dropout(cfg.dropout, cfg.dropout_bits)
 
     def __call__(
         self, x: jax.Array, segment_ids: jax.Array, *, deterministic: bool = True, rngs: jax.Array | None = None

@@ -12,6 +12,7 @@ import ml_collections
 from flax import nnx
 
 from ehrjax.atomic import read_json
+from ehrjax.config import fill_defaults
 from ehrjax.data.vocab import Vocab
 from ehrjax.models.behrt import Behrt
 from ehrjax.train.checkpoint import RunCheckpoints
@@ -33,7 +34,8 @@ class PretrainedRun:
 def check_run_folder(path: str | os.PathLike, *, label: str = "pre-trained run", task: str | None = None) -> dict:
     """The `config.json` of a run directory, after the cheap checks (run before any work): a folder with a
     readable `config.json` (a JSON object with a `model` section) and `vocab.json` and a `checkpoints/` folder;
-    `task`: the run must have trained that task. One-line ValueErrors starting with `label` and the path."""
+    `task`: the run must have trained that task. One-line ValueErrors starting with `label` and the path.
+    Keys added to the schema after the run was written read as their defaults (`ehrjax.config.fill_defaults`)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{label} {path}: not a directory")
@@ -47,7 +49,7 @@ def check_run_folder(path: str | os.PathLike, *, label: str = "pre-trained run",
         raise ValueError(f"{label} {path}: config.json is not a run config (a JSON object with a 'model' section)")
     if not (path / "checkpoints").is_dir():
         raise ValueError(f"{label} {path}: no checkpoints/ folder")
-    return config
+    return fill_defaults(config)
 
 
 def load_pretrained_run(
