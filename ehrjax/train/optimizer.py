@@ -38,6 +38,9 @@ TOP_LEVEL_PARTITION: dict[str, str] = {
 LORA_NAMES: frozenset[str] = frozenset({"lora_a", "lora_b"})
 DECAYED_NAMES: frozenset[str] = frozenset({"kernel", "embedding", "lora_a", "lora_b"})
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
+# The optim keys the train state carries as arrays (`schedule_arrays`), not constants of the compiled step:
+# runs that differ only in these (learning-rate candidates, warm-ups) share one program.
+SCHEDULE_STATE_KEYS: frozenset[str] = frozenset({"learning_rate", "warmup_steps"})
 
 
 def _is_variable(x: Any) -> bool:

@@ -28,6 +28,7 @@ from ehrjax.data.tasks import TaskData
 from ehrjax.embeddings.io import set_code_table
 from ehrjax.models.behrt import Behrt, load_pretrained
 from ehrjax.train.optimizer import (
+    SCHEDULE_STATE_KEYS,
     make_optimizer,
     param_labels,
     parameter_report,
@@ -318,7 +319,9 @@ def build_trainer(
         task=data.task, vocab_size=len(data.vocab), mask_prob=data_cfg.mask_prob,
         mlm_slot_factor=data_cfg.mlm_slot_factor, schedule=optim_cfg.schedule,
     )  # fmt: skip
-    optim_key = tuple(optim_cfg[k] for k in ("weight_decay", "clip_norm", "b1", "b2"))
+    # Every optim setting the step is built from; a new optimizer constant cannot reuse a stale program.
+    optim_key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in optim_cfg.items()
+                             if k not in SCHEDULE_STATE_KEYS))  # fmt: skip
     row_lens = sorted({length for b in (*train_batchers, val_batcher, test_batcher) for _, length in b.shapes})
     train_steps, eval_steps = {}, {}
     for row_len in row_lens:

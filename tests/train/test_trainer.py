@@ -127,3 +127,23 @@ def test_members_with_their_own_labelled_sets_and_rates_match_training_alone(out
         for a, b in zip(result.history[index], alone.history[0], strict=True):
             assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
     assert result.history[0] != result.history[2]  # the learning rate is the member's own
+
+
+def test_the_step_program_is_keyed_by_every_optimizer_setting_but_the_schedule_state(outcome):
+    """Learning rate and warm-up are arrays of the train state (candidates share one program); any other
+    optim setting, including one the step might read in future, is a constant of the compiled step."""
+    config, data = outcome
+    programs = ProgramCache()
+
+    def train_programs(**optim):
+        variant = config.copy_and_resolve_references()
+        with variant.optim.unlocked():
+            variant.optim.update(optim)
+        trainer = make(variant, data.with_train_size(100), (0,), programs=programs, epochs=1)
+        return {r: trainer.train_step(r).jitted for r in trainer._train}
+
+    base = train_programs()
+    assert train_programs(learning_rate=0.3, warmup_steps=7) == base
+    assert all(train_programs(weight_decay=0.5)[r] is not p for r, p in base.items())
+    assert all(train_programs(some_new_constant=1.0)[r] is not p for r, p in base.items())
+    assert programs.num_compiles == 0  # building trainers compiles nothing
