@@ -39,7 +39,6 @@ from ehrjax.eval.stats import (
 ALPHA = 0.05
 BOOTSTRAP_SEED = 0
 UNRESOLVED = "not resolved"
-BASELINE_KINDS = ("logreg", "trees")
 CEILING_KIND = "oracle"
 ABOUT = 1.5  # "about x%" holds within a factor of 1.5 either way
 EXPECTED_PCT = (2.0, 7.0)  # the seed study: fine-tuning trains about 2% of the parameters, against about 7%
