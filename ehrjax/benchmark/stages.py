@@ -312,7 +312,7 @@ class Benchmark:
         train = replicate_rows(data.splits["train"], self.plan.replicates[0], max(self.plan.sizes))
         data = dataclasses.replace(data, splits=dict(data.splits, train=train, val=cell.val))
         result = run_probe(run.model_cfg, run.params, data, self.config.data, self.config.seed,
-                           n_boot=self.config.benchmark.n_boot)  # fmt: skip
+                           n_boot=self.config.benchmark.n_boot, risk=outcome_task(cell.name).risk)  # fmt: skip
         arms = {k: {"auroc": v["auroc"], "ci": [v["ci_low"], v["ci_high"]]} for k, v in result["arms"].items()}
         differences = {k: {"mean": v["delta"], "ci": [v["ci_low"], v["ci_high"]]}
                        for k, v in result["differences"].items()}  # fmt: skip
