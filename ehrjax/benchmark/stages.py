@@ -250,7 +250,7 @@ class Benchmark:
         """The task's data on the fine-tuning cohort, with the pre-training vocabulary, and its ceilings."""
         spec = outcome_task(task)
         data = make_task_data(self.finetune_cohort, "outcome", max_len=self.config.data.max_len, vocab=self.vocab,
-                              outcome=task)  # fmt: skip
+                              outcome=task, time_tokens=self.config.data.time_tokens)  # fmt: skip
         labels = data.cohort.labels
         risk = labels.get(spec.risk)
         visible = labels.get(spec.visible_risk)

@@ -315,7 +315,7 @@ def build_trainer(
     state = jax.device_put(state, NamedSharding(mesh, P()) if mesh is not None else jax.devices()[0])
 
     step_cfg = StepConfig(
-        task=data.task, vocab_size=len(data.vocab), mask_prob=data_cfg.mask_prob,
+        task=data.task, vocab_size=len(data.vocab), code_end=data.vocab.code_end, mask_prob=data_cfg.mask_prob,
         mlm_slot_factor=data_cfg.mlm_slot_factor, schedule=optim_cfg.schedule,
     )  # fmt: skip
     optim_key = tuple(optim_cfg[k] for k in ("weight_decay", "clip_norm", "b1", "b2"))
