@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.meds_visit_hours = 0.0  # meds: events <= this many hours apart form one visit (0: same timestamp)
     c.data.num_noise_codes = 1000
     c.data.min_count = 1
+    c.data.time_tokens = False  # CEHR-BERT gap tokens (W0-W3, M1-M11, LT) between visits; see ehrjax.data.tokenize
     c.data.batching = "pack"  # 'pack' | 'bucket' | 'pad_max' | 'pack_buckets'
     c.data.max_len = 256  # truncation length in tokens, [CLS] and [SEP] included
     c.data.row_len = 256  # pack: tokens per row

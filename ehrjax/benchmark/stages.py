@@ -250,7 +250,7 @@ class Benchmark:
         """The task's data on the fine-tuning cohort, with the pre-training vocabulary, and its ceilings."""
         spec = outcome_task(task)
         data = make_task_data(self.finetune_cohort, "outcome", max_len=self.config.data.max_len, vocab=self.vocab,
-                              outcome=task)  # fmt: skip
+                              outcome=task, time_tokens=self.config.data.time_tokens)  # fmt: skip
         labels = data.cohort.labels
         risk = labels.get(spec.risk)
         visible = labels.get(spec.visible_risk)
@@ -312,7 +312,7 @@ class Benchmark:
         train = replicate_rows(data.splits["train"], self.plan.replicates[0], max(self.plan.sizes))
         data = dataclasses.replace(data, splits=dict(data.splits, train=train, val=cell.val))
         result = run_probe(run.model_cfg, run.params, data, self.config.data, self.config.seed,
-                           n_boot=self.config.benchmark.n_boot)  # fmt: skip
+                           n_boot=self.config.benchmark.n_boot, risk=outcome_task(cell.name).risk)  # fmt: skip
         arms = {k: {"auroc": v["auroc"], "ci": [v["ci_low"], v["ci_high"]]} for k, v in result["arms"].items()}
         differences = {k: {"mean": v["delta"], "ci": [v["ci_low"], v["ci_high"]]}
                        for k, v in result["differences"].items()}  # fmt: skip

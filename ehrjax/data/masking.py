@@ -37,6 +37,9 @@ def mask_tokens(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Select and corrupt MLM targets in `codes` int32[B, L].
 
+    vocab_size: the end of the clinical code ids (`Vocab.code_end`: ids from it on are time tokens, which stay
+    visible as context and are never selected or drawn as random codes).
+
     Returns masked_codes int32[B, L]; mlm_positions int32[B, M] (0 in empty slots); mlm_labels int32[B, M]
     (the original codes, `[PAD]` in empty slots); mlm_weights float32[B, M] (1 for a filled slot); overflow
     int32[] (selections dropped for want of slots, left unmasked). M = `num_slots`.
@@ -52,7 +55,7 @@ def mask_tokens(
     # uint32 words with scaled thresholds avoids three separate PRNG calls (which dominate compile time).
     select_bits, action_bits, code_bits = jax.random.bits(key, (3, batch, length), jnp.uint32)
     scale = float(2**32)
-    selected = (codes >= NUM_SPECIAL) & (select_bits < jnp.uint32(mask_prob * scale))
+    selected = (codes >= NUM_SPECIAL) & (codes < vocab_size) & (select_bits < jnp.uint32(mask_prob * scale))
     rank = jnp.cumsum(selected, axis=1, dtype=jnp.int32) - 1
     kept = selected & (rank < num_slots)
     overflow = jnp.sum(selected & ~kept, dtype=jnp.int32)

@@ -51,9 +51,9 @@ class TaskData:
         return dataclasses.replace(self, splits=dict(self.splits, train=self.splits["train"][:k]))
 
     def frequent_codes(self, k: int) -> np.ndarray:
-        """The `k` most frequent clinical codes (vocab ids) among the training patients' tokens; always
+        """The `k` most frequent clinical codes (vocab ids, no time tokens) among the training patients' tokens; always
         min(k, clinical codes) of them (unseen codes last), so the number does not depend on the labelled set."""
-        counts = self.train_token_counts()[NUM_SPECIAL:]
+        counts = self.train_token_counts()[NUM_SPECIAL : self.vocab.code_end]
         order = np.argsort(-counts, kind="stable")
         return (order[:k] + NUM_SPECIAL).astype(np.int32)
 
@@ -76,10 +76,10 @@ class TaskData:
         return out
 
 
-def build_vocab(cohort: Cohort, min_count: int = 1) -> Vocab:
-    """Vocabulary of the codes in the cohort's training split."""
+def build_vocab(cohort: Cohort, min_count: int = 1, *, time_tokens: bool = False) -> Vocab:
+    """Vocabulary of the codes in the cohort's training split (and the time tokens when `time_tokens`)."""
     train = cohort.select(cohort.split_mask("train"))
-    return Vocab.build(cohort.code_names, train.code_counts(), min_count=min_count)
+    return Vocab.build(cohort.code_names, train.code_counts(), min_count=min_count, time_tokens=time_tokens)
 
 
 def make_task_data(
@@ -91,13 +91,15 @@ def make_task_data(
     min_count: int = 1,
     train_size: int = 0,
     outcome: str = "heart_failure",
+    time_tokens: bool = False,
 ) -> TaskData:
     """The task's data from a cohort: eligible patients, labels, vocabulary, tokenised corpus and splits.
 
     vocab: reuse a vocabulary (a fine-tuning run reuses its pre-training run's, so code ids line up with the
     pre-trained table); otherwise it is built on the labelled training patients (the first `train_size` of the
     training split when set), so a small labelled set sees only its own patients' codes. outcome: which outcome
-    task (`ehrjax.data.labels.OUTCOME_TASKS`) the `outcome` labels come from.
+    task (`ehrjax.data.labels.OUTCOME_TASKS`) the `outcome` labels come from. time_tokens: gap tokens between
+    visits (`ehrjax.data.tokenize`); a given vocabulary must have been built with the same choice.
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} unknown; expected one of {TASKS}")
@@ -110,13 +112,17 @@ def make_task_data(
         train_rows = np.flatnonzero(cohort.split_mask("train"))
         if train_size:
             train_rows = train_rows[:train_size]
-        vocab = Vocab.build(cohort.code_names, cohort.select(train_rows).code_counts(), min_count=min_count)
+        vocab = Vocab.build(cohort.code_names, cohort.select(train_rows).code_counts(), min_count=min_count,
+                            time_tokens=time_tokens)  # fmt: skip
+    elif vocab.has_time_tokens and not time_tokens:
+        raise ValueError("data.time_tokens: False, but the vocabulary holds time tokens (its pre-training run "
+                         "used data.time_tokens=True); set data.time_tokens=True")  # fmt: skip
     if task == "next_visit":
         label_space = next_visit_label_space(vocab)
         multi_hot, eligible = next_visit_labels(cohort, vocab, label_space)
         cohort = cohort.select(eligible)
         labels = multi_hot[eligible]
-    corpus = tokenize(cohort, vocab, max_len)
+    corpus = tokenize(cohort, vocab, max_len, time_tokens=time_tokens)
     splits = {name: np.flatnonzero(cohort.split_mask(name)) for name in ("train", "val", "test")}
     for name, rows in splits.items():
         if len(rows) == 0:
@@ -158,4 +164,4 @@ def build_task_data(
     train_size = config.finetune.train_size if task != "mlm" else 0
     cohort = cohort if cohort is not None else task_cohort(config, task)
     return make_task_data(cohort, task, max_len=config.data.max_len, vocab=vocab, min_count=config.data.min_count,
-                          train_size=train_size)  # fmt: skip
+                          train_size=train_size, time_tokens=config.data.time_tokens)  # fmt: skip

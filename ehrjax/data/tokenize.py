@@ -5,6 +5,12 @@ Truncation to `max_len` tokens (`[CLS]` and `[SEP]`s included) cuts whole leadin
 ones stay; a `[SEP]` left at the front by the cut is dropped, so the first token after `[CLS]` is a code.
 Visit indices count the `[SEP]`s before a token and restart at 0 on the first kept visit; `[CLS]` carries the
 first kept token's age and visit 0. Everything is vectorised over the flat CSR arrays.
+
+With `time_tokens` (`data.time_tokens`, CEHR-BERT's artificial time tokens) a gap token opens every visit but
+the first: `[CLS] v1 [SEP] W2 v2 [SEP] LT v3 [SEP]`. The gap is the days between the visit's first code and the
+previous visit's last code (`Cohort.time`): W0-W3 for 0-6, 7-13, 14-20 and 21-27 days, M1-M11 for
+`days // 30` months from 28 up to 359 days (28-59 days is M1), LT from 360 days. A gap token carries its
+visit's index and age, and a cut that leaves one in front drops it, as it drops a leading `[SEP]`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,12 @@ from ehrjax.data.cohort import Cohort
 from ehrjax.data.vocab import CLS, SEP, Vocab
 
 MIN_MAX_LEN = 3  # [CLS], one code and its [SEP]
+
+
+def time_gap_index(days: np.ndarray) -> np.ndarray:
+    """Index into `TIME_TOKENS` of each gap in days: int[...] -> int64[...] (0-3 weeks, 4-14 months, 15 LT)."""
+    days = np.maximum(np.asarray(days, dtype=np.int64), 0)
+    return np.where(days < 28, days // 7, np.where(days < 360, 3 + np.clip(days // 30, 1, 11), 15))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -53,8 +65,12 @@ class TokenizedCorpus:
         return {"codes": self.codes[lo:hi], "ages": self.ages[lo:hi], "visits": self.visits[lo:hi]}
 
 
-def tokenize(cohort: Cohort, vocab: Vocab, max_len: int) -> TokenizedCorpus:
-    """Lay out every patient of `cohort` with `vocab` ids, keeping at most `max_len` most recent tokens."""
+def tokenize(cohort: Cohort, vocab: Vocab, max_len: int, *, time_tokens: bool = False) -> TokenizedCorpus:
+    """Lay out every patient of `cohort` with `vocab` ids, keeping at most `max_len` most recent tokens;
+    `time_tokens`: a gap token before every visit but the first (module docstring; `vocab` must hold them)."""
+    if time_tokens and not vocab.has_time_tokens:
+        raise ValueError("data.time_tokens: the vocabulary has no time tokens (a run without data.time_tokens "
+                         "built it); pre-train with data.time_tokens=True")  # fmt: skip
     if max_len < MIN_MAX_LEN:
         raise ValueError(f"data.max_len must be >= {MIN_MAX_LEN} ([CLS], a code and its [SEP]), got {max_len}")
     n = len(cohort)
@@ -73,16 +89,27 @@ def tokenize(cohort: Cohort, vocab: Vocab, max_len: int) -> TokenizedCorpus:
     closes_before = np.zeros(num_codes + 1, dtype=np.int64)
     np.cumsum(closes, out=closes_before[1:])
 
-    # The full layout without [CLS]: each code, then a [SEP] when it closes a visit. One extra dummy entry at
-    # the end gives the [CLS] positions a safe gather index.
-    width = 1 + closes.astype(np.int64)
-    code_pos = np.cumsum(width) - width
+    # A code opens a visit with a gap token when the code before it closed a visit of the same patient.
+    opens = np.zeros(num_codes, dtype=bool)
+    if time_tokens:
+        opens[1:] = closes[:-1]
+        opens[offsets[:-1][lens > 0]] = False
+    extra_before = np.zeros(num_codes + 1, dtype=np.int64)
+    np.cumsum(closes.astype(np.int64) + opens, out=extra_before[1:])
+
+    # The full layout without [CLS]: each code, preceded by its gap token when it opens a visit and followed by
+    # a [SEP] when it closes one. One extra dummy entry at the end gives the [CLS] positions a safe gather index.
+    width = opens + 1 + closes.astype(np.int64)
+    code_pos = np.cumsum(width) - width + opens
     sep_pos = code_pos[closes] + 1
-    full_len = num_codes + int(closes_before[-1])
+    time_pos = code_pos[opens] - 1
+    full_len = num_codes + int(extra_before[-1])
     full_codes = np.full(full_len + 1, SEP, dtype=np.int32)
     full_codes[code_pos] = ids
     full_is_sep = np.ones(full_len + 1, dtype=bool)
     full_is_sep[code_pos] = False
+    full_is_sep[time_pos] = False
+    full_is_time = np.zeros(full_len + 1, dtype=bool)
     full_ages = np.zeros(full_len + 1, dtype=np.int32)
     full_ages[code_pos] = age
     full_ages[sep_pos] = age[closes]
@@ -90,12 +117,20 @@ def tokenize(cohort: Cohort, vocab: Vocab, max_len: int) -> TokenizedCorpus:
     full_visits = np.zeros(full_len + 1, dtype=np.int64)
     full_visits[code_pos] = visit_rank
     full_visits[sep_pos] = visit_rank[closes]
-    full_offsets = offsets + closes_before[offsets]
+    if time_tokens:
+        days = np.asarray(cohort.time, dtype=np.int64)
+        opening = np.flatnonzero(opens)
+        full_codes[time_pos] = vocab.time_token_ids()[time_gap_index(days[opening] - days[opening - 1])]
+        full_is_time[time_pos] = True
+        full_ages[time_pos] = age[opens]
+        full_visits[time_pos] = visit_rank[opens]
+    full_offsets = offsets + extra_before[offsets]
 
-    # Keep the last max_len - 1 entries; drop a [SEP] the cut leaves in front.
+    # Keep the last max_len - 1 entries; drop a [SEP] and then a gap token the cut leaves in front.
     ends = full_offsets[1:]
     keep_from = np.maximum(full_offsets[:-1], ends - (max_len - 1))
     keep_from += (keep_from < ends) & full_is_sep[keep_from]
+    keep_from += (keep_from < ends) & full_is_time[keep_from]
     kept = ends - keep_from
 
     out_offsets = np.zeros(n + 1, dtype=np.int64)

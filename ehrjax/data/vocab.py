@@ -2,6 +2,10 @@
 
 Codes are strings with a system prefix (`ICD10:E11.9`, `RX:metformin`, `NOISE:0042`). A `Vocab` is built
 from a cohort once (pre-training), saved as JSON next to every checkpoint and embedding export, and frozen.
+
+With time tokens on (`data.time_tokens`), the 16 gap tokens `TIME_TOKENS` close the vocabulary: ids
+`NUM_SPECIAL .. code_end - 1` are clinical codes and `code_end ..` time tokens, so code-only consumers (MLM
+targets, the MLM baselines, code metrics) bound their ids by `code_end`; without them `code_end == len(vocab)`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ from ehrjax.atomic import write_text
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")
 NUM_SPECIAL = len(SPECIAL_TOKENS)
+# The gap between consecutive visits (`ehrjax.data.tokenize.time_gap_index`): weeks W0-W3 under 28 days,
+# months M1-M11 under 360 days, LT from 360 days on.
+TIME_TOKENS: tuple[str, ...] = (
+    *(f"TIME:W{w}" for w in range(4)), *(f"TIME:M{m}" for m in range(1, 12)), "TIME:LT",
+)  # fmt: skip
 
 
 class Vocab:
@@ -30,12 +39,30 @@ class Vocab:
         if len(set(codes)) != len(codes):
             dup = next(c for c in codes if codes.count(c) > 1)
             raise ValueError(f"vocab codes must be unique; {dup!r} appears twice")
+        timed = [i for i, c in enumerate(codes) if c.startswith("TIME:")]
+        if timed and tuple(codes[timed[0]:]) != TIME_TOKENS:
+            raise ValueError(f"vocab codes: time tokens must close the vocabulary as the block {TIME_TOKENS[0]}.."
+                             f"{TIME_TOKENS[-1]}; got {len(timed)} TIME: codes from id {timed[0]}")  # fmt: skip
         self._codes: tuple[str, ...] = tuple(codes)
         self._index: dict[str, int] = {c: i for i, c in enumerate(self._codes)}
+        self.code_end: int = timed[0] if timed else len(codes)
+
+    @property
+    def has_time_tokens(self) -> bool:
+        return self.code_end < len(self._codes)
+
+    def time_token_ids(self) -> np.ndarray:
+        """int32[16] ids of TIME_TOKENS, in their order (gap index -> id). A ValueError without time tokens."""
+        if not self.has_time_tokens:
+            raise ValueError("vocab: no time tokens (build it with time_tokens=True, data.time_tokens)")
+        return np.arange(self.code_end, len(self._codes), dtype=np.int32)
 
     @classmethod
-    def build(cls, code_names: Sequence[str], code_counts: np.ndarray, min_count: int = 1) -> Vocab:
-        """Vocabulary of the codes seen at least `min_count` times, most frequent first (ties by name).
+    def build(
+        cls, code_names: Sequence[str], code_counts: np.ndarray, min_count: int = 1, *, time_tokens: bool = False
+    ) -> Vocab:
+        """Vocabulary of the codes seen at least `min_count` times, most frequent first (ties by name), then
+        the time tokens when `time_tokens`.
 
         code_names: str[n_codes]; code_counts: int[n_codes] occurrences of each code in a cohort.
         """
@@ -46,7 +73,10 @@ class Vocab:
             raise ValueError(f"code_counts has shape {counts.shape}, expected ({len(code_names)},)")
         keep = [(int(-counts[i]), str(code_names[i])) for i in np.flatnonzero(counts >= min_count)]
         keep.sort()
-        return cls([name for _, name in keep])
+        names = [name for _, name in keep]
+        if any(name.startswith("TIME:") for name in names):
+            raise ValueError("cohort codes: the TIME: prefix is reserved for time tokens")
+        return cls(names + list(TIME_TOKENS if time_tokens else ()))
 
     @property
     def codes(self) -> tuple[str, ...]:

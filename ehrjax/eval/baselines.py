@@ -71,10 +71,15 @@ def unigram_log_probs(token_counts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _others(masked_codes: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
-    """bool[B, M, L]: the visible clinical tokens of each slot's patient, the slot's own position excluded."""
+def _others(
+    masked_codes: jax.Array, segment_ids: jax.Array, positions: jax.Array, code_end: int | None
+) -> jax.Array:
+    """bool[B, M, L]: the visible clinical tokens (ids NUM_SPECIAL..code_end-1, so no time token) of each slot's
+    patient, the slot's own position excluded; code_end None: no time tokens."""
     length = masked_codes.shape[1]
     visible = (masked_codes >= NUM_SPECIAL) & (segment_ids > 0)
+    if code_end is not None:
+        visible &= masked_codes < code_end
     slot_segment = jnp.take_along_axis(segment_ids, positions, axis=1)
     same = segment_ids[:, None, :] == slot_segment[:, :, None]
     not_self = jnp.arange(length)[None, None, :] != positions[:, :, None]
@@ -82,15 +87,19 @@ def _others(masked_codes: jax.Array, segment_ids: jax.Array, positions: jax.Arra
 
 
 def copy_statistics(
-    masked_codes: jax.Array, segment_ids: jax.Array, positions: jax.Array, labels: jax.Array
+    masked_codes: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    labels: jax.Array,
+    code_end: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per masked slot: how often its label appears among its patient's other visible codes, and how many
     such codes there are.
 
     masked_codes, segment_ids: int32[B, L]; positions, labels: int32[B, M] -> (count_label, n_other)
-    int32[B, M] each.
+    int32[B, M] each. code_end: the end of the clinical ids (`Vocab.code_end`; static; None without time tokens).
     """
-    others = _others(masked_codes, segment_ids, positions)
+    others = _others(masked_codes, segment_ids, positions, code_end)
     is_label = masked_codes[:, None, :] == labels[:, :, None]
     count_label = jnp.sum(others & is_label, axis=-1, dtype=jnp.int32)
     n_other = jnp.sum(others, axis=-1, dtype=jnp.int32)
@@ -142,17 +151,19 @@ def copy_mixture_probs(
 ) -> jax.Array:
     """The copy mixture's distribution over the vocabulary per masked slot: f32[B, M, V].
 
-    masked_codes, segment_ids: int32[B, L]; positions: int32[B, M]; log_unigram: f[V]; lam: scalar in [0, 1].
-    Each slot's row sums to 1 over the clinical codes and is 0 on special ids.
+    masked_codes, segment_ids: int32[B, L]; positions: int32[B, M]; log_unigram: f[V] over the ids below
+    `Vocab.code_end` (time tokens, never targets, have no entry); lam: scalar in [0, 1]. Each slot's row sums to
+    1 over the clinical codes and is 0 on special ids.
     """
     log_unigram = jnp.asarray(log_unigram, jnp.float32)
     lam = jnp.asarray(lam, jnp.float32)
-    others = _others(masked_codes, segment_ids, positions).astype(jnp.float32)  # [B, M, L]
+    code_end = log_unigram.shape[0]
+    others = _others(masked_codes, segment_ids, positions, code_end).astype(jnp.float32)  # [B, M, L]
     batch, slots, _ = others.shape
     # counts[b, m, c] = sum_l others[b, m, l] [masked_codes[b, l] == c]: a scatter-add, so no [B, L, V] one-hot.
     rows = jnp.broadcast_to(jnp.arange(batch)[:, None, None], others.shape)
     slot = jnp.broadcast_to(jnp.arange(slots)[None, :, None], others.shape)
-    code = jnp.broadcast_to(masked_codes[:, None, :], others.shape)
+    code = jnp.broadcast_to(jnp.minimum(masked_codes, code_end - 1)[:, None, :], others.shape)  # 0 weight there
     counts = jnp.zeros((batch, slots, log_unigram.shape[0]), jnp.float32).at[rows, slot, code].add(others)
     n_other = jnp.sum(others, axis=-1, keepdims=True)
     copy_term = counts / jnp.maximum(n_other, 1.0)
@@ -204,7 +215,7 @@ def baseline_sums(
     return {"unigram": unigram, "copy": copy}
 
 
-_copy_statistics_jit = jax.jit(copy_statistics)
+_copy_statistics_jit = jax.jit(copy_statistics, static_argnames="code_end")
 _baseline_sums_jit = jax.jit(baseline_sums)
 
 
@@ -229,7 +240,8 @@ def mlm_baselines(
     stats: list[tuple[np.ndarray, ...]] = []
     for batch in val_batches:
         codes, segments, positions, labels, weights = _host_batch(batch)
-        count, n_other = jax.device_get(_copy_statistics_jit(codes, segments, positions, labels))
+        count, n_other = jax.device_get(_copy_statistics_jit(codes, segments, positions, labels,
+                                                             code_end=len(log_unigram)))  # fmt: skip
         labels_np = np.asarray(labels)
         stats.append((count, n_other, unigram_p[labels_np], np.asarray(weights)))
     if not stats:
@@ -284,13 +296,14 @@ def run_mlm_baselines(data: TaskData, data_cfg: Any, *, seed: int, max_val_patie
     (batching, mask_prob, mlm_slot_factor) the run used."""
     if data.task != "mlm":
         raise ValueError(f"run_mlm_baselines: expected the 'mlm' task's data, got {data.task!r}")
-    vocab_size = len(data.vocab)
-    log_unigram = unigram_log_probs(token_counts(data.corpus, data.splits["train"], vocab_size))
+    # Time tokens (ids from code_end on) are context, never targets: the baselines predict clinical codes only.
+    code_end = data.vocab.code_end
+    log_unigram = unigram_log_probs(token_counts(data.corpus, data.splits["train"], len(data.vocab))[:code_end])
     val = DeviceBatcher.from_config(data_cfg, data.corpus, seed=seed, patients=data.splits["val"][:max_val_patients])
     test = DeviceBatcher.from_config(
         data_cfg, data.corpus, seed=seed, patients=data.splits["test"], device_corpus=val.corpus
     )
-    settings = (vocab_size, data_cfg.mask_prob, data_cfg.mlm_slot_factor)
+    settings = (code_end, data_cfg.mask_prob, data_cfg.mlm_slot_factor)
     return mlm_baselines(eval_mlm_batches(val, *settings), eval_mlm_batches(test, *settings), log_unigram)
 
 

@@ -10,7 +10,8 @@ reads the same patient resamples). Next to it, on the same test patients:
 - `random`: the same probe on a randomly initialised encoder of the same shape, drawn as a run with the same
   seed draws it (`nnx.Rngs(params=seed)`): the pre-trained encoder before any training, when seeds agree;
 - `bag_of_codes`: logistic regression on code counts, age and sex (`ehrjax.eval.logreg`);
-- `oracle`: the generator's true outcome probability `outcome_p`, the ceiling.
+- `oracle`: the generator's true probability of the task's outcome (`outcome_p` for heart failure,
+  `renal_decline_p` for renal decline), the ceiling.
 
 A probe above `random` says pre-training learned something a linear read-out can use; the gap to
 `bag_of_codes` and `oracle` says how much.
@@ -112,19 +113,21 @@ def run_probe(
     *,
     cs: Sequence[float] = DEFAULT_CS,
     n_boot: int = 1000,
+    risk: str = "outcome_p",
 ) -> dict[str, Any]:
     """Probe the encoder in `params` (a pre-trained Behrt's parameters, MLM head optional) on the `outcome`
     task, next to a random encoder, bag-of-codes logistic regression and the oracle (module docstring).
 
     task_data: `build_task_data(config, 'outcome', vocab=<the pre-training vocabulary>)`; data_cfg: the
-    `data` config section (packing sizes). Returns {'n': {split: patients}, 'prevalence_test', 'feature_dim',
+    `data` config section (packing sizes); risk: the cohort's column of true outcome probabilities (the
+    oracle). Returns {'n': {split: patients}, 'prevalence_test', 'feature_dim',
     'arms': {arm: {'auroc', 'ci_low', 'ci_high', 'ap', and 'C', 'val_auroc' for fitted arms}},
     'differences': {'pretrained - <arm>': {'delta', 'ci_low', 'ci_high'}} (paired bootstrap, same resamples)}.
     """
     if task_data.task != "outcome":
         raise ValueError(f"run_probe: expected the 'outcome' task's data, got {task_data.task!r}")
-    if "outcome_p" not in task_data.cohort.labels:
-        raise ValueError("run_probe: the cohort has no 'outcome_p' (the true probability the oracle scores)")
+    if risk not in task_data.cohort.labels:
+        raise ValueError(f"run_probe: the cohort has no {risk!r} (the true probability the oracle scores)")
     vocab_size = len(task_data.vocab)
     random_model = Behrt(model_cfg, vocab_size, mlm_head=False, rngs=nnx.Rngs(params=seed))
     pretrained = Behrt(model_cfg, vocab_size, mlm_head=False, rngs=nnx.Rngs(params=seed))
@@ -146,7 +149,7 @@ def run_probe(
         fitted[name], scores[name] = _probe_arm(features, y, rows, cs, standardize=True)
     bag = bag_of_codes_features(task_data.corpus, patients, vocab_size, sex=task_data.cohort.sex[patients])
     fitted["bag_of_codes"], scores["bag_of_codes"] = _probe_arm(bag, y, rows, cs, standardize=False)
-    scores["oracle"] = np.asarray(task_data.cohort.labels["outcome_p"], dtype=np.float64)[patients[rows["test"]]]
+    scores["oracle"] = np.asarray(task_data.cohort.labels[risk], dtype=np.float64)[patients[rows["test"]]]
     # One set of patient resamples for every arm: each interval and each paired difference reads the same draws.
     reps = {name: stats.replicates(y_test, s, "auroc", n_boot, seed) for name, s in scores.items()}
     arms = {name: {**_score(y_test, scores[name], reps[name]), **fitted.get(name, {})} for name in scores}

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from sklearn.metrics import roc_auc_score
 
 from ehrjax.config import load_config_file
-from ehrjax.data.tasks import build_task_data
+from ehrjax.data.tasks import build_task_data, make_task_data, task_cohort
 from ehrjax.eval.baselines import main as baselines_main
 from ehrjax.eval.probe import (
     format_table,
@@ -75,6 +76,23 @@ def test_probe_of_an_untrained_encoder_equals_the_random_arm(smoke):
     assert set(result["differences"]) == {"pretrained - random", "pretrained - bag_of_codes", "pretrained - oracle"}
     assert result["arms"]["oracle"]["auroc"] > 0.6
     assert "pretrained" in format_table(result) and "oracle" in format_table(result)
+
+
+def test_probe_oracle_reads_the_tasks_own_risk(smoke):
+    # Renal decline's test patients include some that are not eligible for heart failure (`outcome_p` is NaN
+    # there): the probe's oracle must read the task's own risk column.
+    config, hf = smoke
+    cohort = task_cohort(config, "outcome")
+    data = make_task_data(cohort, "outcome", max_len=config.data.max_len, vocab=hf.vocab, outcome="renal_decline")
+    assert np.isnan(data.cohort.labels["outcome_p"][data.splits["test"]]).any()
+    init = Behrt(config.model, len(data.vocab), mlm_head=False, rngs=nnx.Rngs(params=config.seed))
+    result = run_probe(config.model, nnx.state(init, nnx.Param), data, config.data, config.seed, n_boot=20,
+                       risk="renal_decline_p")  # fmt: skip
+    test = data.splits["test"]
+    expected = roc_auc_score(data.labels[test, 0], data.cohort.labels["renal_decline_p"][test])
+    assert result["arms"]["oracle"]["auroc"] == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="scores must be finite"):
+        run_probe(config.model, nnx.state(init, nnx.Param), data, config.data, config.seed, n_boot=20)
 
 
 def test_probe_refuses_other_tasks(smoke):
