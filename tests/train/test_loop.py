@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ehrjax.train.loop import train
 
@@ -95,3 +96,24 @@ def test_exact_resume_after_sigkill(tmp_path):
     resumed_records = [json.loads(x) for x in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     evals = lambda rs: [(r["step"], r["loss"]) for r in rs if r["event"] == "eval"]
     assert evals(full_records) == evals(resumed_records)
+
+
+def test_time_token_runs_pretrain_and_finetune_end_to_end(smoke_config, tmp_path):
+    from ehrjax.data.vocab import TIME_TOKENS
+
+    smoke_config.data.time_tokens = True
+    smoke_config.train.epochs = 1
+    mlm = train(smoke_config)
+    codes = json.loads((Path(mlm.workdir) / "vocab.json").read_text())["codes"]
+    assert tuple(codes[-len(TIME_TOKENS):]) == TIME_TOKENS
+    assert np.isfinite(mlm.test["loss"])
+
+    tune = smoke_config.copy_and_resolve_references()
+    tune.task, tune.arm, tune.init_from = "outcome", "mlm_lora", str(mlm.workdir)
+    tune.output_dir = str(tmp_path / "tune")
+    result = train(tune)
+    assert np.isfinite(result.test["loss"]) and 0 <= result.test["auroc"] <= 1
+
+    tune.data.time_tokens, tune.output_dir = False, str(tmp_path / "tune_off")
+    with pytest.raises(ValueError, match=r"data\.time_tokens: False, but the vocabulary holds time tokens"):
+        train(tune)
