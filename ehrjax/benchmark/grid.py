@@ -255,7 +255,9 @@ def run_baseline_cell(kind: str, cell: CellData, size: int, replicates: Sequence
         if kind == "logreg":
             x = bag_of_codes_features(data.corpus, every, len(data.vocab), sex=data.cohort.sex[every])
         else:
-            x = tabular_features(data.corpus, data.cohort, every, frequent_codes(data.corpus, train))
+            code_end = data.vocab.code_end
+            x = tabular_features(data.corpus, data.cohort, every,
+                                 frequent_codes(data.corpus, train, code_end=code_end), code_end=code_end)  # fmt: skip
         x_train, x_rest = x[: len(train)], x[len(train):]
         x_val = x_rest[: len(cell.val)]
         if kind == "logreg":

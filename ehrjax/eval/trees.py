@@ -55,16 +55,20 @@ TREE_BASE_PARAMS: Mapping[str, Any] = {
 DEFAULT_TREE_GRID: tuple[Mapping[str, Any], ...] = tuple({"max_leaf_nodes": n} for n in (3, 7, 15))
 
 
-def frequent_codes(corpus: TokenizedCorpus, train_patients: np.ndarray, k: int = DEFAULT_TOP_CODES) -> np.ndarray:
+def frequent_codes(corpus: TokenizedCorpus, train_patients: np.ndarray, k: int = DEFAULT_TOP_CODES, *,
+                   code_end: int | None = None) -> np.ndarray:  # fmt: skip
     """int32[min(k, distinct clinical ids seen)] the `k` clinical ids (special ids, `[UNK]` included, never)
     with the most tokens among the corpus rows `train_patients`, most frequent first (ties: smaller id first).
-    Ids the training rows never hold are left out."""
+    Ids the training rows never hold are left out, and so are ids from `code_end` on (`Vocab.code_end`: the
+    time tokens, which are not codes)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     train_patients = _patients(corpus, train_patients)
     index, _ = ragged_index(np.asarray(corpus.offsets, dtype=np.int64), train_patients)
     counts = np.bincount(np.asarray(corpus.codes, dtype=np.int64)[index], minlength=NUM_SPECIAL)
     counts[:NUM_SPECIAL] = 0
+    if code_end is not None:
+        counts[code_end:] = 0
     order = np.argsort(-counts, kind="stable")
     return order[counts[order] > 0][:k].astype(np.int32)
 
@@ -84,7 +88,8 @@ def _patients(corpus: TokenizedCorpus, patients: np.ndarray) -> np.ndarray:
     return patients
 
 
-def tabular_features(corpus: TokenizedCorpus, cohort: Cohort, patients: np.ndarray, codes: np.ndarray) -> np.ndarray:
+def tabular_features(corpus: TokenizedCorpus, cohort: Cohort, patients: np.ndarray, codes: np.ndarray, *,
+                     code_end: int | None = None) -> np.ndarray:  # fmt: skip
     """float32[len(patients), 3 * len(codes) + len(EXTRA_FEATURES)]: one row per corpus index in `patients`
     (in that order), at the patient's prediction point t_end (the day of its last code token):
 
@@ -95,6 +100,8 @@ def tabular_features(corpus: TokenizedCorpus, cohort: Cohort, patients: np.ndarr
       visits in the window; days from the first to the last code token of the window; visits whose day is
       at most 90 and at most 365 days before t_end (the last visit included).
 
+    Tokens from `code_end` on (`Vocab.code_end`: time tokens between visits) are not codes and are skipped: the
+    day columns already say what they would, so the features are the same with time tokens on or off.
     A patient with no code token gets zero counts and visits and NaN elsewhere (sex aside). `cohort` is the
     cohort the corpus was tokenised from (module docstring); a ValueError says when the two disagree.
     Vectorised over tokens: no Python loop per patient or token.
@@ -111,6 +118,8 @@ def tabular_features(corpus: TokenizedCorpus, cohort: Cohort, patients: np.ndarr
     tokens = np.asarray(corpus.codes, dtype=np.int64)[index]
     row = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
     is_code = (tokens != CLS) & (tokens != SEP)
+    if code_end is not None:
+        is_code &= tokens < code_end
     tokens, row = tokens[is_code], row[is_code]
     visit = np.asarray(corpus.visits, dtype=np.int64)[index][is_code]
     age = np.asarray(corpus.ages, dtype=np.float64)[index][is_code]

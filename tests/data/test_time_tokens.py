@@ -182,3 +182,21 @@ def test_gap_tokens_survive_a_meds_round_trip(tmp_path):
         np.asarray(VOCAB.codes)[a.codes], np.asarray(VOCAB.codes)[b.codes]
     )
     assert (a.codes >= VOCAB.code_end).sum() == 4
+
+
+def test_tree_features_are_the_same_with_time_tokens_on_or_off():
+    from ehrjax.eval.trees import frequent_codes, tabular_features
+
+    cohort = make_cohort([[(0, [0, 1]), (5, [2]), (40, [0]), (700, [3, 4])], [(10, [5]), (12, [5, 1])],
+                          [(3, [2, 2, 4])]])  # fmt: skip
+    plain = Vocab.build(CODE_NAMES, np.arange(6, 0, -1))
+    assert plain.ids(CODE_NAMES).tolist() == VOCAB.ids(CODE_NAMES).tolist()
+    rows = np.arange(3)
+    off = tokenize(cohort, plain, max_len=64)
+    on = tokenize(cohort, VOCAB, max_len=64, time_tokens=True)
+    assert (on.codes >= VOCAB.code_end).sum() == 4
+    codes = frequent_codes(on, rows, code_end=VOCAB.code_end)
+    np.testing.assert_array_equal(codes, frequent_codes(off, rows))
+    np.testing.assert_array_equal(tabular_features(on, cohort, rows, codes, code_end=VOCAB.code_end),
+                                  tabular_features(off, cohort, rows, codes))  # fmt: skip
+    assert (frequent_codes(on, rows) >= VOCAB.code_end).any()  # without the bound gap tokens rank as codes
