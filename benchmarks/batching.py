@@ -2,6 +2,7 @@
 
     python benchmarks/batching.py                       # 100k synthetic patients, max_len 512, small preset
     python benchmarks/batching.py --max-len 256 --steps 0
+    python benchmarks/batching.py --max-len 256 --steps 0 --time-tokens   # gap tokens between visits
 
 Every mode sees the same tokenised cohort (`ehrjax.data.synthetic.generate_cohort`, stream `pretrain`; a
 lognormal-length stand-in with `--stand-in`) and the same token-slot budget per step (`--tokens-per-batch`):
@@ -31,14 +32,17 @@ from ehrjax.data.tokenize import TokenizedCorpus, tokenize
 from ehrjax.data.vocab import CLS, NUM_SPECIAL, Vocab
 
 
-def synthetic_corpus(num_patients: int, max_len: int, seed: int) -> tuple[TokenizedCorpus, int, str]:
-    """The generator's cohort, tokenised; returns the corpus, the vocabulary size and a description."""
+def synthetic_corpus(num_patients: int, max_len: int, seed: int,
+                     time_tokens: bool = False) -> tuple[TokenizedCorpus, int, str]:  # fmt: skip
+    """The generator's cohort, tokenised (with gap tokens between visits if `time_tokens`); returns the corpus,
+    the vocabulary size and a description."""
     from ehrjax.data.synthetic import generate_cohort
 
     cohort = generate_cohort(num_patients, seed, "pretrain")
-    vocab = Vocab.build(cohort.code_names, cohort.code_counts())
-    corpus = tokenize(cohort, vocab, max_len)
-    return corpus, len(vocab), f"generate_cohort({num_patients}, seed={seed}, stream='pretrain')"
+    vocab = Vocab.build(cohort.code_names, cohort.code_counts(), time_tokens=time_tokens)
+    corpus = tokenize(cohort, vocab, max_len, time_tokens=time_tokens)
+    gaps = ", time tokens" if time_tokens else ""
+    return corpus, len(vocab), f"generate_cohort({num_patients}, seed={seed}, stream='pretrain'){gaps}"
 
 
 def stand_in_corpus(num_patients: int, max_len: int, seed: int) -> tuple[TokenizedCorpus, int, str]:
@@ -141,10 +145,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stand-in", action="store_true", help="lognormal lengths instead of the generator")
+    parser.add_argument("--time-tokens", action="store_true", help="a gap token before every visit but the first")
     args = parser.parse_args()
 
-    make = stand_in_corpus if args.stand_in else synthetic_corpus
-    corpus, vocab_size, what = make(args.num_patients, args.max_len, args.seed)
+    if args.stand_in and args.time_tokens:
+        parser.error("--time-tokens: the stand-in has no visit days; use the generator's cohort")
+    if args.stand_in:
+        corpus, vocab_size, what = stand_in_corpus(args.num_patients, args.max_len, args.seed)
+    else:
+        corpus, vocab_size, what = synthetic_corpus(args.num_patients, args.max_len, args.seed, args.time_tokens)
     data = data_config(args)
     lengths = corpus.lengths
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, ")

@@ -1,5 +1,6 @@
-"""The full CPU grid for users with time (about an hour on 2 cores): every arm, both outcome tasks, labelled-set
-sizes from 64 to 4,000 patients, three replicates, full-length pre-training.
+"""The full CPU grid for users with time (several hours on 2 cores; not timed since every neural arm tunes three
+learning rates): every arm, both outcome tasks, labelled-set sizes from 64 to 4,000 patients, three
+replicates, full-length pre-training.
 
     python -m ehrjax.benchmark --config configs/cpu_full.py
 """
