@@ -67,9 +67,10 @@ def parse_list(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...
     return items
 
 
-def _clinical_tokens(corpus: Any, patients: np.ndarray) -> int:
-    """Tokens of `patients` that MLM may select (ids >= NUM_SPECIAL)."""
-    per_token = np.concatenate([[0], np.cumsum(np.asarray(corpus.codes) >= NUM_SPECIAL, dtype=np.int64)])
+def _clinical_tokens(corpus: Any, patients: np.ndarray, code_end: int) -> int:
+    """Tokens of `patients` that MLM may select: codes, ids in [NUM_SPECIAL, code_end) (no time tokens)."""
+    codes = np.asarray(corpus.codes)
+    per_token = np.concatenate([[0], np.cumsum((codes >= NUM_SPECIAL) & (codes < code_end), dtype=np.int64)])
     offsets = np.asarray(corpus.offsets, dtype=np.int64)
     return int(np.sum(per_token[offsets[patients + 1]] - per_token[offsets[patients]]))
 
@@ -213,7 +214,7 @@ def profile_mode(
     epoch_s = sum(s["batches_per_epoch"] * s["step_s"] for s in shapes)
     flop_model = FlopModel.from_config(cfg.model, len(trainer.data.vocab))
     lengths = batcher.lengths.astype(np.int64)
-    targets = cfg.data.mask_prob * _clinical_tokens(trainer.data.corpus, batcher.patients)
+    targets = cfg.data.mask_prob * _clinical_tokens(trainer.data.corpus, batcher.patients, trainer.data.vocab.code_end)
     model_flops = flop_model.model_flops(int(lengths.sum()), int(np.sum(lengths**2)), targets)
     hardware_flops = sum(
         s["batches_per_epoch"] * flop_model.hardware_flops(s["rows"], s["row_len"], s["mlm_slots_per_row"])

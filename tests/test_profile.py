@@ -74,3 +74,19 @@ def test_parse_list():
     assert parse_list(" pack, bucket ", ("pack", "bucket"), "--modes") == ("pack", "bucket")
     with pytest.raises(ValueError, match="--modes"):
         parse_list("", ("pack",), "--modes")
+
+
+def test_mlm_targets_count_codes_only():
+    import numpy as np
+
+    from ehrjax.data.tokenize import TokenizedCorpus
+    from ehrjax.data.vocab import CLS, SEP
+    from ehrjax.profile import _clinical_tokens
+
+    # two patients: [CLS] 5 [SEP] <time 9> 6 7 [SEP] and [CLS] 8 [SEP]; ids from 9 on are time tokens
+    codes = np.asarray([CLS, 5, SEP, 9, 6, 7, SEP, CLS, 8, SEP], np.int32)
+    zeros = np.zeros(len(codes), np.int32)
+    corpus = TokenizedCorpus(codes=codes, ages=zeros, visits=zeros, offsets=np.asarray([0, 7, 10]), max_len=8)
+    assert _clinical_tokens(corpus, np.asarray([0, 1]), code_end=9) == 4
+    assert _clinical_tokens(corpus, np.asarray([0]), code_end=10) == 4
+    assert _clinical_tokens(corpus, np.asarray([1]), code_end=9) == 1
