@@ -22,7 +22,8 @@ def get_config():
     c.benchmark.roles.table_pairs = ""
     c.benchmark.roles.trainable_contrast = ""
     c.benchmark.cuts = (
-        "one outcome task, heart_failure (the full grid adds renal_decline, driven by order and timing); "
+        "one outcome task, heart_failure unless benchmark.tasks says otherwise (the full grid runs it and "
+        "renal_decline, driven by order and timing); "
         "labelled-set sizes 64, 250 and 1,000 (the full grid adds 4,000); "
         "the Med2Vec arms and their pre-training (question 2 is not asked: run configs/cpu_full.py, or add "
         "--config.benchmark.arms=...,med2vec_lora --config.benchmark.roles.table_pairs=mlm_lora:med2vec_lora); "
