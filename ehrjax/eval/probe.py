@@ -8,7 +8,8 @@ percentile bootstrap interval over test patients (`ehrjax.eval.stats`: every arm
 reads the same patient resamples). Next to it, on the same test patients:
 
 - `random`: the same probe on a randomly initialised encoder of the same shape, drawn as a run with the same
-  seed draws it (`nnx.Rngs(params=seed)`): the pre-trained encoder before any training, when seeds agree;
+  seed draws it (`ehrjax.train.streams.init_rngs(seed)`): the pre-trained encoder before any training, when
+  seeds agree;
 - `bag_of_codes`: logistic regression on code counts, age and sex (`ehrjax.eval.logreg`);
 - `oracle`: the generator's true probability of the task's outcome (`outcome_p` for heart failure,
   `renal_decline_p` for renal decline), the ceiling.
@@ -39,6 +40,7 @@ from ehrjax.eval.logreg import DEFAULT_CS, bag_of_codes_features, fit_logreg
 from ehrjax.eval.metrics import binary_metrics
 from ehrjax.models.behrt import INPUT_KEYS, Behrt, load_pretrained
 from ehrjax.models.heads import gather_positions
+from ehrjax.train.streams import init_rngs
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -129,8 +131,8 @@ def run_probe(
     if risk not in task_data.cohort.labels:
         raise ValueError(f"run_probe: the cohort has no {risk!r} (the true probability the oracle scores)")
     vocab_size = len(task_data.vocab)
-    random_model = Behrt(model_cfg, vocab_size, mlm_head=False, rngs=nnx.Rngs(params=seed))
-    pretrained = Behrt(model_cfg, vocab_size, mlm_head=False, rngs=nnx.Rngs(params=seed))
+    random_model = Behrt(model_cfg, vocab_size, mlm_head=False, rngs=init_rngs(seed))
+    pretrained = Behrt(model_cfg, vocab_size, mlm_head=False, rngs=init_rngs(seed))
     report = load_pretrained(pretrained, params)
     if report["missing"]:
         raise ValueError(f"run_probe: params lack {len(report['missing'])} encoder arrays, e.g. {report['missing'][0]}")

@@ -6,10 +6,10 @@ parameters (by the validation metric), history and timings. Checkpoints and the 
 parameters in memory and writes its own files.
 
 Exact resume: the data order of epoch e is a function of (seed, e), the PRNG key of step s is
-`fold_in(key(seed), s)` (derived inside the step), and the `latest` checkpoint records the epoch and the batch
-within it and the early-stopping state; a resumed run replays the remaining batches of that epoch and ends
-bitwise equal to an uninterrupted one (on CPU). The host syncs with the device only at log points
-(`log_every`), at checkpoints and at epoch ends.
+`fold_in(run_key(seed), s)` (`ehrjax.train.streams`; derived inside the step), and the `latest` checkpoint
+records the epoch and the batch within it and the early-stopping state; a resumed run replays the remaining
+batches of that epoch and ends bitwise equal to an uninterrupted one (on CPU). The host syncs with the device
+only at log points (`log_every`), at checkpoints and at epoch ends.
 """
 
 from __future__ import annotations

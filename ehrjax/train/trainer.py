@@ -35,6 +35,7 @@ from ehrjax.train.optimizer import (
     schedule_arrays,
 )
 from ehrjax.train.steps import StepConfig, make_eval_step, make_mlm_targets_step, make_train_step
+from ehrjax.train.streams import init_rngs, run_key
 
 METRIC_CODES = 200  # MLM macro one-vs-rest metrics over the most frequent training codes
 
@@ -157,7 +158,7 @@ class Trainer:
 
     def keys(self) -> jax.Array:
         """Each seed's run key [S]."""
-        return jnp.stack([jax.random.key(s) for s in self.seeds])
+        return jnp.stack([run_key(s) for s in self.seeds])
 
     def stacked_plan(self, epoch: int) -> SeedPlan:
         """Every member's plan of epoch `epoch`, stacked. Each member keeps its own data order: its batches of
@@ -241,10 +242,11 @@ def init_seed_params(
     pretrained: nnx.State | None,
     code_table: np.ndarray | None,
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State, dict[str, list[str]] | None]:
-    """One seed's model: initial draw from `seed`, then the pre-trained weights, then the imported table."""
+    """One seed's model: initial draw from `seed`'s init stream (`ehrjax.train.streams`), then the pre-trained
+    weights, then the imported table."""
     model = Behrt(
         model_cfg, len(data.vocab), num_labels=data.num_labels, lora_cfg=lora_cfg, mlm_head=data.task == "mlm",
-        rngs=nnx.Rngs(params=seed),
+        rngs=init_rngs(seed),
     )  # fmt: skip
     loaded = load_pretrained(model, pretrained) if pretrained is not None else None
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

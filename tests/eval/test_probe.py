@@ -23,6 +23,7 @@ from ehrjax.eval.probe import (
     run_probe,
 )
 from ehrjax.models.behrt import Behrt
+from ehrjax.train.streams import init_rngs
 
 ROOT = Path(__file__).resolve().parents[2]
 ARMS = ("pretrained", "random", "bag_of_codes", "oracle")  # the probe's arms, in result order
@@ -64,7 +65,7 @@ def test_representations_do_not_depend_on_row_mates(smoke):
 
 def test_probe_of_an_untrained_encoder_equals_the_random_arm(smoke):
     config, data = smoke
-    init = Behrt(config.model, len(data.vocab), mlm_head=True, rngs=nnx.Rngs(params=config.seed))
+    init = Behrt(config.model, len(data.vocab), mlm_head=True, rngs=init_rngs(config.seed))
     result = run_probe(config.model, nnx.state(init, nnx.Param), data, config.data, config.seed, n_boot=50)
     assert tuple(result["arms"]) == ARMS
     assert result["n"] == {k: len(v) for k, v in data.splits.items()}
