@@ -168,24 +168,32 @@ class _Task:
         """Paired test AUROC difference a - b on the replicates both ran (a one-run arm is broadcast)."""
         if (a, size) not in self.reps or (b, size) not in self.reps:
             return None
-        ra, rb = self.reps[(a, size)]["auroc"], self.reps[(b, size)]["auroc"]
-        sa, sb = self.data.cells[(a, size)].replicates, self.data.cells[(b, size)].replicates
-        paired = sa if len(sb) == 1 else sb
-        if len(sa) > 1 and len(sb) > 1:
-            paired = sorted(set(sa) & set(sb))
-            if not paired:
-                return None
-            ia, ib = [sa.index(s) for s in paired], [sb.index(s) for s in paired]
-            ra = Replicates(ra.metric, ra.point[ia], ra.values[:, ia], ra.seed)
-            rb = Replicates(rb.metric, rb.point[ib], rb.values[:, ib], rb.seed)
-        mean, values = difference_replicates(ra, rb)
-        finite = values[np.isfinite(values)]
-        lo, hi = (float(x) for x in np.percentile(finite, [2.5, 97.5])) if len(finite) else (math.nan, math.nan)
-        return {"a": a, "b": b, "size": size, "mean": mean, "ci": [lo, hi], "half_width": (hi - lo) / 2,
-                "p": bootstrap_p_value(values), "replicates": paired}  # fmt: skip
+        cells = self.data.cells
+        pair = paired_comparison(self.reps[(a, size)]["auroc"], self.reps[(b, size)]["auroc"],
+                                 cells[(a, size)].replicates, cells[(b, size)].replicates)  # fmt: skip
+        return None if pair is None else {"a": a, "b": b, "size": size, **pair}
 
 
-def _family(name: str, comparisons: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+def paired_comparison(ra: Replicates, rb: Replicates, sa: list[int], sb: list[int]) -> dict[str, Any] | None:
+    """{'mean', 'ci', 'half_width', 'p', 'replicates'}: the paired difference A - B of two arms' bootstrap
+    replicates `ra`, `rb` (same patients, n_boot and seed), whose runs are the replicate indices `sa`, `sb`.
+    Runs pair on the index, over the replicates both ran; an arm with one run is broadcast. None if none pair."""
+    paired = sa if len(sb) == 1 else sb
+    if len(sa) > 1 and len(sb) > 1:
+        paired = sorted(set(sa) & set(sb))
+        if not paired:
+            return None
+        ia, ib = [sa.index(s) for s in paired], [sb.index(s) for s in paired]
+        ra = Replicates(ra.metric, ra.point[ia], ra.values[:, ia], ra.seed)
+        rb = Replicates(rb.metric, rb.point[ib], rb.values[:, ib], rb.seed)
+    mean, values = difference_replicates(ra, rb)
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(x) for x in np.percentile(finite, [2.5, 97.5])) if len(finite) else (math.nan, math.nan)
+    return {"mean": mean, "ci": [lo, hi], "half_width": (hi - lo) / 2, "p": bootstrap_p_value(values),
+            "replicates": paired}  # fmt: skip
+
+
+def holm_family(name: str, comparisons: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
     """The comparisons that could be made, Holm-adjusted together, each with its verdict."""
     kept = [c for c in comparisons if c is not None]
     for c, q in zip(kept, holm([c["p"] for c in kept]), strict=True):
@@ -261,11 +269,11 @@ def _task_stats(summary, meta, data: TaskData, order, roles, arms, n_boot) -> di
             if (arm, size) in data.cells]  # fmt: skip
     ref, plora = roles["reference"], roles["pretrained_lora"]
     neural = [a for a in present if _kind(arms_meta, a) == "neural"]
-    reference = _family("reference", [task.compare(arm, ref, s) for arm in neural if ref and arm != ref
+    reference = holm_family("reference", [task.compare(arm, ref, s) for arm in neural if ref and arm != ref
                                       for s in task.sizes])  # fmt: skip
     best = _best_baselines(rows, roles["baselines"], task.sizes)
-    q1 = _family("q1_baseline", [task.compare(plora, b["arm"], b["size"]) for b in best if plora])
-    q2 = _family("q2", [task.compare(x, y, s) for x, y in roles["table_pairs"] for s in task.sizes])
+    q1 = holm_family("q1_baseline", [task.compare(plora, b["arm"], b["size"]) for b in best if plora])
+    q2 = holm_family("q2", [task.compare(x, y, s) for x, y in roles["table_pairs"] for s in task.sizes])
     family = {(c["a"], c["size"]): c for c in reference}
     best_at = {b["size"]: b["arm"] for b in best}
     for row in rows:

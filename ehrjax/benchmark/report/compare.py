@@ -18,22 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from ehrjax.benchmark.report.analysis import ALPHA, BOOTSTRAP_SEED, verdict
+from ehrjax.benchmark.report.analysis import ALPHA, BOOTSTRAP_SEED, holm_family, paired_comparison
 from ehrjax.benchmark.report.load import load
-from ehrjax.eval.stats import Replicates, bootstrap_p_value, difference_replicates, holm, replicates
-
-
-def _paired(a: Any, b: Any, n_boot: int, labels: np.ndarray) -> tuple[list[int], Replicates, Replicates]:
-    common = sorted(set(a.replicates) & set(b.replicates))
-    ia, ib = [a.replicates.index(r) for r in common], [b.replicates.index(r) for r in common]
-    return (common, replicates(labels, a.test[ia], "auroc", n_boot, BOOTSTRAP_SEED),
-            replicates(labels, b.test[ib], "auroc", n_boot, BOOTSTRAP_SEED))  # fmt: skip
+from ehrjax.eval.stats import replicates
 
 
 def compare_runs(dir_a: str | Path, dir_b: str | Path, arms: list[str] | None = None,
                  n_boot: int = 2000) -> dict[str, Any]:  # fmt: skip
-    """{'a', 'b', 'n_boot', 'comparisons': [{'task', 'arm', 'size', 'replicates', 'auroc_a', 'auroc_b',
-    'mean', 'ci', 'p', 'p_holm', 'm', 'verdict'}]}: test AUROC of A minus B per (task, arm, size).
+    """{'a', 'b', 'n_boot', 'comparisons': [{'task', 'arm', 'size', 'auroc_a', 'auroc_b', 'mean', 'ci',
+    'half_width', 'p', 'replicates', 'family', 'm', 'p_holm', 'verdict'}]}: test AUROC of A minus B per (task,
+    arm, size), paired as the report pairs two arms (`analysis.paired_comparison`), one Holm family per task;
+    auroc_a, auroc_b: each side's mean over its replicates.
 
     arms: the arms to compare (default: every non-ceiling arm both ran). One-line ValueErrors when a folder is
     not a benchmark's, when the two scored different test patients, or when nothing pairs.
@@ -55,18 +50,12 @@ def compare_runs(dir_a: str | Path, dir_b: str | Path, arms: list[str] | None = 
             cell_b = tb.cells.get((arm, size))
             if cell_b is None or kinds.get(arm) == "oracle" or (arms is not None and arm not in arms):
                 continue
-            common, ra, rb = _paired(cell_a, cell_b, n_boot, ta.labels)
-            if not common:
-                continue
-            mean, values = difference_replicates(ra, rb)
-            finite = values[np.isfinite(values)]
-            lo, hi = (float(x) for x in np.percentile(finite, [2.5, 97.5]))
-            family.append({"task": task, "arm": arm, "size": size, "replicates": common,
-                           "auroc_a": float(ra.point.mean()), "auroc_b": float(rb.point.mean()),
-                           "mean": mean, "ci": [lo, hi], "p": bootstrap_p_value(values)})  # fmt: skip
-        for row, q in zip(family, holm([r["p"] for r in family]), strict=True):
-            row.update(p_holm=float(q), m=len(family), verdict=verdict(row["mean"], float(q)))
-        out += family
+            ra, rb = (replicates(ta.labels, c.test, "auroc", n_boot, BOOTSTRAP_SEED) for c in (cell_a, cell_b))
+            pair = paired_comparison(ra, rb, cell_a.replicates, cell_b.replicates)
+            if pair is not None:
+                family.append({"task": task, "arm": arm, "size": size, "auroc_a": float(ra.point.mean()),
+                               "auroc_b": float(rb.point.mean()), **pair})  # fmt: skip
+        out += holm_family(task, family)
     if not out:
         raise ValueError(f"{folders[0]} and {folders[1]}: no (task, arm, size) ran in both" +
                          (f" among arms {','.join(arms)}" if arms else ""))  # fmt: skip
