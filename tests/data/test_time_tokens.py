@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from visit_cohorts import cohort_from_visits
 
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.masking import mask_tokens
@@ -21,27 +22,8 @@ VOCAB = Vocab.build(CODE_NAMES, np.arange(6, 0, -1), time_tokens=True)
 
 def make_cohort(patients: list[list[tuple[int, list[int]]]], splits: list[int] | None = None) -> Cohort:
     """A cohort from per-patient visits `(day, codes)`; age in months = 600 + day // 30."""
-    codes, visit, age, time, lengths = [], [], [], [], []
-    for visits in patients:
-        lengths.append(sum(len(c) for _, c in visits))
-        for v, (day, visit_codes) in enumerate(visits):
-            codes += visit_codes
-            visit += [v] * len(visit_codes)
-            age += [600 + day // 30] * len(visit_codes)
-            time += [day] * len(visit_codes)
-    n = len(patients)
-    return Cohort(
-        codes=np.asarray(codes, dtype=np.int32),
-        visit=np.asarray(visit, dtype=np.int32),
-        age=np.asarray(age, dtype=np.int32),
-        time=np.asarray(time, dtype=np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        patient_id=np.arange(n, dtype=np.int64),
-        sex=np.zeros(n, dtype=np.int8),
-        birth_year=np.full(n, 1950, dtype=np.int16),
-        split=np.asarray(splits if splits is not None else [0] * n, dtype=np.int8),
-        code_names=CODE_NAMES,
-    )
+    return cohort_from_visits([[(day, 600 + day // 30, c) for day, c in visits] for visits in patients], CODE_NAMES,
+                              splits)  # fmt: skip
 
 
 def test_gap_bins_at_every_boundary():

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from visit_cohorts import cohort_from_visits
 
 from ehrjax.data.cohort import Cohort
 from ehrjax.data.tokenize import tokenize
@@ -12,26 +13,8 @@ CODE_NAMES = np.asarray([f"ICD10:C{i:02d}" for i in range(12)])
 
 def make_cohort(patients: list[list[list[int]]]) -> Cohort:
     """A cohort from per-patient visits of code indices; visit v of a patient is at age 100 + 10 v months."""
-    codes, visit, age, lengths = [], [], [], []
-    for visits in patients:
-        lengths.append(sum(len(v) for v in visits))
-        for v, visit_codes in enumerate(visits):
-            codes += visit_codes
-            visit += [v] * len(visit_codes)
-            age += [100 + 10 * v] * len(visit_codes)
-    n = len(patients)
-    return Cohort(
-        codes=np.asarray(codes, dtype=np.int32),
-        visit=np.asarray(visit, dtype=np.int32),
-        age=np.asarray(age, dtype=np.int32),
-        time=np.asarray(age, dtype=np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        patient_id=np.arange(n, dtype=np.int64),
-        sex=np.zeros(n, dtype=np.int8),
-        birth_year=np.full(n, 1950, dtype=np.int16),
-        split=np.zeros(n, dtype=np.int8),
-        code_names=CODE_NAMES,
-    )
+    return cohort_from_visits([[(100 + 10 * v, 100 + 10 * v, c) for v, c in enumerate(visits)] for visits in patients],
+                              CODE_NAMES)  # fmt: skip
 
 
 # Codes 10 and 11 are left out of the vocabulary, so they map to [UNK].
