@@ -275,12 +275,12 @@ _targets_step = functools.lru_cache(make_mlm_targets_step)
 
 
 def eval_mlm_batches(
-    batcher: DeviceBatcher, vocab_size: int, mask_prob: float, slot_factor: float
+    batcher: DeviceBatcher, code_end: int, mask_prob: float, slot_factor: float
 ) -> Iterator[dict[str, jax.Array]]:
     """The masked batches the MLM evaluation scores, in its order: the fixed plan `plan_epoch(0,
     shuffle=False)`, its `k`-th batch masked with `eval_mask_key(k)` and the step's `mlm_targets` settings
     (`ehrjax.train.steps`). Yields dicts of `BATCH_KEYS` arrays."""
-    cfg = StepConfig(task="mlm", vocab_size=vocab_size, mask_prob=mask_prob, mlm_slot_factor=slot_factor)
+    cfg = StepConfig(task="mlm", code_end=code_end, mask_prob=mask_prob, mlm_slot_factor=slot_factor)
     plan = batcher.plan_epoch(0, shuffle=False)
     for k in range(plan.num_batches):
         g, j = (int(x) for x in plan.order[k])

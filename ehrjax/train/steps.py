@@ -46,8 +46,7 @@ class StepConfig:
     """What the step functions need besides the model: the task, its static sizes and the schedule kind."""
 
     task: str  # 'mlm' | 'outcome' | 'next_visit'
-    vocab_size: int
-    code_end: int = 0  # clinical codes are ids NUM_SPECIAL..code_end-1, the MLM targets (0: up to vocab_size)
+    code_end: int  # the MLM targets are the clinical codes, ids NUM_SPECIAL..code_end-1 (`Vocab.code_end`)
     mask_prob: float = 0.15
     mlm_slot_factor: float = 1.5  # masked-position slots per row = factor x mask_prob x row length
     schedule: str = "cosine"  # 'cosine' | 'constant'
@@ -59,7 +58,7 @@ def mlm_targets(key: jax.Array, batch: dict, cfg: StepConfig) -> dict[str, jax.A
     `weights` f32[B, M], `overflow` int32[] (what the MLM loss and the trivial baselines score)."""
     slots = num_mlm_slots(batch["codes"].shape[1], cfg.mask_prob, cfg.mlm_slot_factor)  # static per shape
     masked, positions, labels, weights, overflow = mask_tokens(
-        key, batch["codes"], vocab_size=cfg.code_end or cfg.vocab_size, mask_prob=cfg.mask_prob, num_slots=slots
+        key, batch["codes"], vocab_size=cfg.code_end, mask_prob=cfg.mask_prob, num_slots=slots
     )
     return {"masked_codes": masked, "positions": positions, "labels": labels, "weights": weights, "overflow": overflow}
 

@@ -318,7 +318,7 @@ def build_trainer(
     state = jax.device_put(state, NamedSharding(mesh, P()) if mesh is not None else jax.devices()[0])
 
     step_cfg = StepConfig(
-        task=data.task, vocab_size=len(data.vocab), code_end=data.vocab.code_end, mask_prob=data_cfg.mask_prob,
+        task=data.task, code_end=data.vocab.code_end, mask_prob=data_cfg.mask_prob,
         mlm_slot_factor=data_cfg.mlm_slot_factor, schedule=optim_cfg.schedule,
     )  # fmt: skip
     # Every optim setting the step is built from; a new optimizer constant cannot reuse a stale program.
