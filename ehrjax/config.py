@@ -121,7 +121,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.tensorboard = False
     c.train.progress = True
     c.train.num_devices = 0  # 0 -> all devices on the 'data' mesh axis
-    c.train.distributed = False  # call jax.distributed.initialize() first (multi-host; arguments from the env)
+    # Multi-process runs: jax.distributed.initialize() first. The three settings below are detected from
+    # SLURM, Open MPI or Kubernetes when left unset; set them to join processes started by hand.
+    c.train.distributed = False
+    c.train.coordinator_address = ""  # host:port of process 0 ('' = detected, or JAX_COORDINATOR_ADDRESS)
+    c.train.num_processes = 0  # 0 = detected
+    c.train.process_id = -1  # -1 = detected
+    c.train.heartbeat_timeout_s = 100  # a process silent this long ends the whole job with an error
     # A folder for XLA's persistent compilation cache ('' = off): repeated and resumed runs skip recompiling.
     c.train.compilation_cache = ""
 

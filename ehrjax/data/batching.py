@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from ehrjax.data.tokenize import TokenizedCorpus
 from ehrjax.data.vocab import PAD
+from ehrjax.multihost import put_global
 
 MODES: tuple[str, ...] = ("pack", "bucket", "pad_max", "pack_buckets")
 DATA_AXIS = "data"
@@ -336,7 +337,7 @@ def to_device(corpus: TokenizedCorpus, labels: np.ndarray | None = None, mesh: M
         lengths=corpus.lengths,
         labels=None if labels is None else np.asarray(labels),
     )
-    return jax.device_put(host, _replicated(mesh))
+    return put_global(host, _replicated(mesh))
 
 
 @jax.tree_util.register_dataclass
@@ -650,7 +651,31 @@ class DeviceBatcher:
 
     def plan_epoch(self, epoch: int, shuffle: bool = True) -> EpochPlan:
         """Which patient goes where in epoch `epoch`: shuffled by (seed, epoch), or in a fixed order if not
-        `shuffle` (evaluation). Vectorised numpy; the plan goes to the device (rows sharded on a mesh)."""
+        `shuffle` (evaluation). Vectorised numpy; the plan goes to the device (rows sharded on a mesh; each
+        process of a multi-process job puts only its own devices' rows)."""
+        parts, sequence = self.host_plan(epoch, shuffle)
+        sharding = self.rows_sharding(3)
+        groups = tuple(
+            BatchGroup(
+                corpus=self.corpus,
+                patient_index=put_global(p, sharding),
+                cls_index=put_global(c, sharding),
+                row_len=length,
+                mesh=self.mesh,
+            )
+            for (p, c), (_, length) in zip(parts, self.shapes, strict=True)
+        )
+        return EpochPlan(groups=groups, order=sequence, epoch=int(epoch))
+
+    def rows_sharding(self, ndim: int) -> NamedSharding | None:
+        """The sharding of an index array of `ndim` dimensions whose second-to-last axis is the batch rows."""
+        if self.mesh is None:
+            return None
+        return NamedSharding(self.mesh, P(*([None] * (ndim - 2)), DATA_AXIS, None))
+
+    def host_plan(self, epoch: int, shuffle: bool = True) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """`plan_epoch` on the host: per shape group (patient_index, cls_index) int32[num_batches, rows, slots],
+        and the batch sequence int32[num_batches, 2] = (group, batch in group)."""
         rng = np.random.default_rng([self.seed, int(epoch)])
         order = rng.permutation(len(self.patients)) if shuffle else np.arange(len(self.patients))
         patients = self.patients[order]
@@ -686,18 +711,7 @@ class DeviceBatcher:
         ).astype(np.int32)
         if shuffle:
             sequence = sequence[rng.permutation(len(sequence))]
-        sharding = NamedSharding(self.mesh, P(None, DATA_AXIS)) if self.mesh is not None else None
-        groups = tuple(
-            BatchGroup(
-                corpus=self.corpus,
-                patient_index=jax.device_put(p, sharding),
-                cls_index=jax.device_put(c, sharding),
-                row_len=length,
-                mesh=self.mesh,
-            )
-            for (p, c), (_, length) in zip(parts, self.shapes, strict=True)
-        )
-        return EpochPlan(groups=groups, order=sequence, epoch=int(epoch))
+        return parts, sequence
 
 
 def padding_report(

@@ -31,6 +31,10 @@ def restore_error(where: Path, step: int, expected: str, err: BaseException) -> 
     return ValueError(f"checkpoint {where} step {step}: cannot restore {expected} ({type(err).__name__}: {first})")
 
 
+def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 class RunCheckpoints:
     """The `latest` and `best` checkpoint managers of one run directory.
 
@@ -40,14 +44,16 @@ class RunCheckpoints:
     def __init__(self, directory: str | os.PathLike, *, writable: bool = True):
         self.directory = Path(directory).absolute()
         common = dict(enable_async_checkpointing=writable, cleanup_tmp_directories=writable, create=writable)
+        # Across processes each manager's barriers get their own names: `latest` and `best` often save at the
+        # same step, and Orbax names a save's barriers by its step alone.
         self._latest = ocp.CheckpointManager(
             self.directory / "latest",
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, **common),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, multiprocessing_options=_barriers("latest"), **common),
             item_names=ITEMS,
         )
         self._best = ocp.CheckpointManager(
             self.directory / "best",
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, **common),
+            options=ocp.CheckpointManagerOptions(max_to_keep=1, multiprocessing_options=_barriers("best"), **common),
             item_names=ITEMS,
         )
 

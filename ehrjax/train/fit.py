@@ -219,7 +219,7 @@ def fit(
         log.open_progress(trainer.epochs * steps_per_epoch, int(np.max(jax.device_get(state["step"]))), progress)
     try:
         while epoch < trainer.epochs and not all(meta["stopped"]):
-            active = jnp.asarray([not s for s in meta["stopped"]])
+            active = np.asarray([not s for s in meta["stopped"]])  # host values: every process passes the same
             plan = trainer.stacked_plan(epoch)
             window_start = time.perf_counter()  # evaluation and checkpointing are not training time
             first = meta["batch"] if epoch == meta["epoch"] else 0
@@ -228,7 +228,7 @@ def fit(
                 epoch_weights[:] = 0.0
             for k in range(first, plan.num_batches):
                 row_len, patient, cls = plan.batch(k)
-                step_active = active if plan.present[k].all() else active & jnp.asarray(plan.present[k])
+                step_active = active if plan.present[k].all() else active & plan.present[k]
                 state, sums = trainer.train_step(row_len)(state, trainer.corpus, patient, cls, keys, step_active)
                 pending.append(sums)
                 done = epoch * steps_per_epoch + k + 1
@@ -268,7 +268,7 @@ def fit(
                                            **{f"val_{k}": v for k, v in val_metrics[s].items()}})  # fmt: skip
                 meta["stopped"][s] = meta["bad_epochs"][s] >= patience
             if any(better):
-                best_params = stacked_where(jnp.asarray(better), state["params"], best_params)
+                best_params = stacked_where(np.asarray(better), state["params"], best_params)
             if log is not None:
                 log.log({"event": "eval", "split": "val", "step": done, "epoch": epoch,
                          **{k: _seedwise([m[k] for m in val_metrics]) for k in val_metrics[0]},

@@ -25,6 +25,7 @@ from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, validate_embedding_file, vocab_token_counts
 from ehrjax.eval.baselines import format_table, run_mlm_baselines
 from ehrjax.models.behrt import CODE_TABLE_PATH
+from ehrjax.multihost import sync
 from ehrjax.train.arms import EVERYTHING, Arm, arm_from_config, arm_lora_config
 from ehrjax.train.checkpoint import RunCheckpoints, check_writable, config_mismatch
 from ehrjax.train.export import export_adapters, export_code_table, export_model, flat_arrays
@@ -297,7 +298,9 @@ def train(config: ml_collections.ConfigDict, cohort: Cohort | None = None) -> Ru
                 vocab = Vocab.load(workdir / "vocab.json")
         else:
             check_output_folder(workdir, resume=False, marker="config.json", what="run")
-        check_writable(workdir)
+        if is_writer():
+            check_writable(workdir)
+        sync("run folder checked")  # every process checked it before process 0 makes it
         trainer, coverage = build_run_trainer(config, vocab, cohort=cohort)
         if lock is not None and not config.resume:
             workdir.mkdir(parents=True, exist_ok=True)

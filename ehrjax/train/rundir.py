@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from ehrjax.atomic import atomic_write, is_hidden_or_temp, json_default, pid_alive, write_json, write_npz, write_text
+from ehrjax.multihost import agree, is_writer
 
 __all__ = [
     "LOCK_NAME",
@@ -48,12 +48,13 @@ LOCK_NAME = ".ehrjax.lock"
 
 def run_directory(config: Any, stem: str) -> Path:
     """Where a run writes: `config.resume` (continuing a run), else `config.output_dir`, else
-    `results/<stem>-<timestamp>`."""
+    `results/<stem>-<timestamp>` (process 0's time: every process of a job names the same folder)."""
     if config.resume:
         return Path(config.resume)
     if config.output_dir:
         return Path(config.output_dir)
-    return Path("results") / f"{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    now = dt.datetime.fromtimestamp(agree(int(time.time())))
+    return Path("results") / f"{stem}-{now.strftime('%Y%m%d-%H%M%S')}"
 
 
 def folder_entries(path: Path) -> list[str]:
@@ -185,11 +186,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: line {k + 1} is not a JSON object ({err})") from err
         records.append(record)
     return records
-
-
-def is_writer() -> bool:
-    """Whether this process writes shared files (process 0 of a multi-host run)."""
-    return jax.process_index() == 0
 
 
 class RunLog:

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ehrjax.data.batching import DeviceCorpus, gather_batch
 from ehrjax.data.masking import mask_tokens, num_mlm_slots
@@ -195,7 +196,10 @@ def make_eval_step(
             out["patient_index"] = batch["patient_index"]
         return out
 
-    return jax.jit(eval_step)
+    if mesh is None:
+        return jax.jit(eval_step)
+    # Replicated outputs: every process can read the whole batch's logits and sums (an all-gather on the mesh).
+    return jax.jit(eval_step, out_shardings=NamedSharding(mesh, P()))
 
 
 def make_mlm_targets_step(cfg: StepConfig, row_len: int, mesh: Mesh | None = None) -> Callable[..., dict]:

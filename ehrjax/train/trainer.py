@@ -27,6 +27,7 @@ from ehrjax.data.batching import DeviceBatcher, DeviceCorpus, to_device
 from ehrjax.data.tasks import TaskData
 from ehrjax.embeddings.io import set_code_table
 from ehrjax.models.behrt import Behrt, load_pretrained
+from ehrjax.multihost import put_global
 from ehrjax.train.optimizer import (
     SCHEDULE_STATE_KEYS,
     make_optimizer,
@@ -157,23 +158,26 @@ class Trainer:
         return self.data.task
 
     def keys(self) -> jax.Array:
-        """Each seed's run key [S]."""
-        return jnp.stack([run_key(s) for s in self.seeds])
+        """Each seed's run key [S] (replicated over the mesh)."""
+        if self.mesh is None:
+            return jnp.stack([run_key(s) for s in self.seeds])
+        replicated = NamedSharding(self.mesh, P())
+        return jax.jit(lambda: jnp.stack([run_key(s) for s in self.seeds]), out_shardings=replicated)()
 
     def stacked_plan(self, epoch: int) -> SeedPlan:
         """Every member's plan of epoch `epoch`, stacked. Each member keeps its own data order: its batches of
         a shape come in its own sequence. Members share the sequence of batch shapes (the first member's, then
         the extra batches other members have); a member with fewer batches of a shape gets empty batches
         (`present` False) there, so a member trained alone sees exactly the same batches."""
-        plans = [b.plan_epoch(epoch) for b in self.train_batchers]
-        shapes = sorted({g.shape for p in plans for g in p.groups}, key=lambda s: s[1])
+        plans = [b.host_plan(epoch) for b in self.train_batchers]  # (parts, order) per member, on the host
+        member_shapes = [b.shapes for b in self.train_batchers]  # (rows, row_len) of each member's parts
+        shapes = sorted({shape for own in member_shapes for shape in own}, key=lambda s: s[1])
         counts = np.zeros((len(plans), len(shapes)), dtype=np.int64)
-        for m, p in enumerate(plans):
-            for g in p.groups:
-                counts[m, shapes.index(g.shape)] = g.num_batches
+        for m, (parts, _) in enumerate(plans):
+            for (p, _), shape in zip(parts, member_shapes[m], strict=True):
+                counts[m, shapes.index(shape)] = p.shape[0]
         most = counts.max(axis=0)
-        first = plans[0]
-        sequence = [shapes.index(first.groups[g].shape) for g in first.order[:, 0]]
+        sequence = [shapes.index(member_shapes[0][g]) for g in plans[0][1][:, 0]]
         for g, n in enumerate(most):
             sequence += [g] * int(n - counts[0, g])
         sequence = np.asarray(sequence, dtype=np.int32)
@@ -181,20 +185,20 @@ class Trainer:
         for g in range(len(shapes)):
             where = sequence == g
             occurrence[where] = np.arange(int(where.sum()), dtype=np.int32)
+        sharding = self.train_batchers[0].rows_sharding(4)
+        slots = self.train_batchers[0].slots
         groups = []
         for g, (rows, row_len) in enumerate(shapes):
-            patient, cls = [], []
-            for p in plans:
-                own = [i for i, h in enumerate(p.groups) if h.shape == (rows, row_len)]
-                if own:
-                    order = jnp.asarray(p.order[p.order[:, 0] == own[0], 1])
-                    pi, ci = p.groups[own[0]].patient_index[order], p.groups[own[0]].cls_index[order]
-                else:
-                    pi = ci = jnp.zeros((0, rows, self.train_batchers[0].slots), jnp.int32)
-                pad = int(most[g]) - pi.shape[0]
-                patient.append(jnp.concatenate([pi, jnp.full((pad, *pi.shape[1:]), -1, pi.dtype)]))
-                cls.append(jnp.concatenate([ci, jnp.zeros((pad, *ci.shape[1:]), ci.dtype)]))
-            groups.append((row_len, jnp.stack(patient, 1), jnp.stack(cls, 1)))
+            patient = np.full((int(most[g]), len(plans), rows, slots), -1, np.int32)
+            cls = np.zeros_like(patient)
+            for m, (parts, order) in enumerate(plans):
+                if (rows, row_len) not in member_shapes[m]:
+                    continue
+                own = member_shapes[m].index((rows, row_len))
+                in_order = order[order[:, 0] == own, 1]
+                patient[: len(in_order), m] = parts[own][0][in_order]
+                cls[: len(in_order), m] = parts[own][1][in_order]
+            groups.append((row_len, put_global(patient, sharding), put_global(cls, sharding)))
         present = occurrence[:, None] < counts[:, sequence].T
         return SeedPlan(groups=groups, order=np.stack([sequence, occurrence], axis=1), present=present)
 
@@ -314,8 +318,12 @@ def build_trainer(
     opt_state = jax.vmap(tx.init)(params)
     state = {"params": params, "opt_state": opt_state, "step": jnp.zeros(len(seeds), jnp.int32),
              "schedule": schedule}  # fmt: skip
-    # Committed like the step's outputs, so the second step reuses the first one's compile.
-    state = jax.device_put(state, NamedSharding(mesh, P()) if mesh is not None else jax.devices()[0])
+    # Committed like the step's outputs, so the second step reuses the first one's compile. Every process
+    # holds the same initial values (seeded), and each puts only its own devices' replicas.
+    if mesh is not None:
+        state = put_global(jax.device_get(state), NamedSharding(mesh, P()))
+    else:
+        state = jax.device_put(state, jax.local_devices()[0])
 
     step_cfg = StepConfig(
         task=data.task, code_end=data.vocab.code_end, mask_prob=data_cfg.mask_prob,
