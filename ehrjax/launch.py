@@ -53,9 +53,11 @@ def start(
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
     port: int = 0,
+    pin_cores: bool = False,
 ) -> list[subprocess.Popen]:
     """Start `command` (argv of an ehrjax CLI) as `num_processes` processes of one job, each in its own process
-    group, with its output in `<logs>/process_<i>.log`."""
+    group, with its output in `<logs>/process_<i>.log`. pin_cores: process i runs on CPU core i alone (Linux),
+    so that N processes on N cores do not share one."""
     if num_processes < 1:
         raise ValueError(f"--processes must be >= 1, got {num_processes}")
     port = port or free_port()
@@ -69,8 +71,9 @@ def start(
     for i in range(num_processes):
         with open(folder / f"process_{i}.log", "w") as out:
             argv = [*command, *distributed_flags(port, num_processes, i)]
+            pin = (lambda core=i: os.sched_setaffinity(0, {core})) if pin_cores else None
             procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=base_env, cwd=cwd,
-                                          start_new_session=True))  # fmt: skip
+                                          start_new_session=True, preexec_fn=pin))  # fmt: skip
     return procs
 
 
@@ -108,10 +111,11 @@ def launch(
     logs: str | os.PathLike | None = None,
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
+    pin_cores: bool = False,
 ) -> list[ProcessResult]:
     """`start` then `wait`; output kept in `logs` (a folder) or a temporary one."""
     folder = Path(logs) if logs else Path(tempfile.mkdtemp(prefix="ehrjax-launch-"))
-    procs = start(command, num_processes, logs=folder, env=env, cwd=cwd)
+    procs = start(command, num_processes, logs=folder, env=env, cwd=cwd, pin_cores=pin_cores)
     try:
         return wait(procs, folder, timeout=timeout)
     finally:
@@ -132,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="how many processes (one CPU device each)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before every process is killed")
     parser.add_argument("--logs", default="", help="a folder for process_<i>.log (default: a temporary folder)")
+    parser.add_argument("--pin-cores", action="store_true", help="run process i on CPU core i alone")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. python -m ehrjax.train")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -139,7 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: launch: no command after --", file=sys.stderr)
         return 2
     try:
-        results = launch(command, args.processes, timeout=args.timeout, logs=args.logs or None)
+        results = launch(command, args.processes, timeout=args.timeout, logs=args.logs or None,
+                         pin_cores=args.pin_cores)
     except (ValueError, OSError) as err:
         print(f"error: launch: {err}", file=sys.stderr)
         return 2

@@ -51,9 +51,10 @@ def main(argv: list[str]) -> int:
         return 2
     from ehrjax.benchmark.report import format_results_table, write_report
     from ehrjax.benchmark.stages import Benchmark
+    from ehrjax.multihost import is_writer, sync
     from ehrjax.train.checkpoint import check_writable
     from ehrjax.train.fit import TrainingDiverged
-    from ehrjax.train.rundir import FolderLock, check_output_folder, is_writer
+    from ehrjax.train.rundir import FolderLock, check_output_folder
 
     out = output_dir(config).absolute()
     resume = bool(config.resume)
@@ -64,15 +65,21 @@ def main(argv: list[str]) -> int:
         check_output_folder(out, resume=resume, marker="manifest.json", what="benchmark")
         if resume and lock is not None:
             lock.acquire()
-        check_writable(out)
+        if is_writer():
+            check_writable(out)
+        sync("benchmark folder checked")  # every process checked it before process 0 makes it
         bench = Benchmark(config, out, resume=resume)  # validates before any work
         if not resume and lock is not None:
             out.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             check_output_folder(out, resume=False, marker="manifest.json", what="benchmark")
         summary = bench.run()
+        if not is_writer():  # its cells are written; process 0 writes the report
+            sync("benchmark done")
+            return 0
         bench.say("report: writing")
         stats = write_report(summary, out, n_boot=config.benchmark.n_boot)
+        sync("benchmark done")
     except (ValueError, TrainingDiverged, OSError) as err:  # OSError: a read-only folder, a full disk
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2

@@ -66,6 +66,35 @@ def cell_dir(out: Path, task: str, arm: str, size: int, replicate: int) -> Path:
     return out / "runs" / task / arm / f"n{size}" / f"rep{replicate}"
 
 
+def cell_record_path(out: Path, task: str, arm: str, size: int) -> Path:
+    """A finished cell's record (its runs, tuning and parameter counts), written by the process that ran it:
+    a resumed grid skips the cell whichever process ran it."""
+    return out / "runs" / task / arm / f"n{size}" / "cell.json"
+
+
+def cell_cost(arm: Arm, size: int, replicates: int, max_steps: int) -> float:
+    """A rough relative cost of one grid cell, for spreading cells over processes: a neural cell trains every
+    (learning rate, replicate) member for at most `max_steps` steps (fewer on a small labelled set that stops
+    early) plus a fixed cost for compiling and evaluating; a baseline fits per replicate; a ceiling is free."""
+    if arm.kind == "oracle":
+        return 0.0
+    if arm.kind != "neural":
+        return 0.05 * replicates * (1.0 + size / 100.0)
+    return max(1, len(arm.lr_grid)) * replicates * min(max_steps, 10.0 + size / 4.0) + 50.0
+
+
+def assign_cells(costs: Sequence[float], num_processes: int) -> list[int]:
+    """The process of each cell: longest first onto the least-loaded process (ties to the lower index), the
+    same on every process."""
+    load = [0.0] * num_processes
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda k: (-costs[k], k)):
+        p = min(range(num_processes), key=lambda q: (load[q], q))
+        owner[i] = p
+        load[p] += costs[i]
+    return owner
+
+
 def write_predictions(directory: Path, data: TaskData, arrays: dict[str, np.ndarray]) -> None:
     """`predictions.npz`; on MEDS data also the test rows in MEDS-DEV's prediction schema
     (`test_predictions.parquet`, for the `meds-evaluation` scorer)."""
@@ -198,7 +227,7 @@ def run_neural_cell(
             raise RuntimeError("evaluation rows are not in the grid's val/test order")
         write_predictions(directory, data, _prediction_file(cell, rows, split, 1.0 / (1.0 + np.exp(-logit)), logit))
         history = result.history[m]
-        log = RunLog(directory / "metrics.jsonl")
+        log = RunLog(directory / "metrics.jsonl", owner=True)  # the cell's own process writes its files
         for record in history:
             log.log({"event": "eval", "split": "val", **record, "epoch": record["epoch"] + 1})
         steps_95, seconds_95 = convergence(history, per_member_step)

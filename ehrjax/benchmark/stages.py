@@ -23,7 +23,17 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from ehrjax.benchmark.grid import ArmInputs, CellData, run_baseline_cell, run_ceiling_cell, run_neural_cell
+from ehrjax.atomic import read_json, write_json
+from ehrjax.benchmark.grid import (
+    ArmInputs,
+    CellData,
+    assign_cells,
+    cell_cost,
+    cell_record_path,
+    run_baseline_cell,
+    run_ceiling_cell,
+    run_neural_cell,
+)
 from ehrjax.benchmark.manifest import Manifest, cohort_fingerprint, patient_hashes, save_patient_hashes
 from ehrjax.data.batching import to_device
 from ehrjax.data.labels import OUTCOME_TASKS, outcome_labels, outcome_task
@@ -31,6 +41,7 @@ from ehrjax.data.tasks import make_task_data, task_cohort
 from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, validate_embedding_file, vocab_token_counts
 from ehrjax.embeddings.med2vec import save_med2vec, train_med2vec
+from ehrjax.multihost import is_writer, sync
 from ehrjax.train.arms import Arm, arm_from_config, arm_lora_config
 from ehrjax.train.loop import config_to_dict, pretrained_table, train, validate_cohort_sizes
 from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
@@ -129,7 +140,7 @@ class Benchmark:
             _check_same_config(self.manifest, config)
         self.programs = ProgramCache()
         self.stages: dict[str, dict[str, Any]] = {}
-        self.progress = bool(config.train.progress)
+        self.progress = bool(config.train.progress) and is_writer()
         # The cohorts are cheap to make and decide whether the grid fits: check before anything is written.
         self.pretrain_cohort = task_cohort(config, "mlm")
         self.finetune_cohort = task_cohort(config, "outcome")
@@ -174,7 +185,8 @@ class Benchmark:
         for stream, cohort, section in (("pretrain", self.pretrain_cohort, c.pretrain),
                                         ("finetune", self.finetune_cohort, c.finetune)):  # fmt: skip
             hashes = patient_hashes(cohort)
-            save_patient_hashes(self.out / "cohorts" / f"{stream}_patient_hashes.npz", hashes)
+            if is_writer():
+                save_patient_hashes(self.out / "cohorts" / f"{stream}_patient_hashes.npz", hashes)
             fingerprints[stream] = {**cohort_fingerprint(cohort, hashes), "source": c.data.source,
                                     "seed": int(section.seed)}  # fmt: skip
         done = self.manifest.done("cohorts")
@@ -216,8 +228,11 @@ class Benchmark:
             cfg.dim = c.model.embed_dim  # trained here: at the model's width, so no width effect enters
             train_only = self.pretrain_cohort.select(self.pretrain_cohort.split_mask("train"))
             result = train_med2vec(train_only, vocab, cfg, progress=self.progress, log=self.say)
-            (self.out / "med2vec").mkdir(parents=True, exist_ok=True)
-            path, source = save_med2vec(self.out / "med2vec" / "med2vec.npz", result.params, vocab)["npz"], "trained"
+            path, source = self.out / "med2vec" / "med2vec.npz", "trained"
+            if is_writer():  # every process trains the same table (seeded); process 0 writes it
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path = save_med2vec(path, result.params, vocab)["npz"]
+            sync("med2vec written")
         table, coverage = self._import(str(path))
         return {"source": source, "path": str(path), "dim": int(table.shape[1]),
                 "coverage": {"vocab_share": coverage.vocab_share, "token_share": coverage.token_share,
@@ -259,23 +274,26 @@ class Benchmark:
                         None if visible is None else np.asarray(visible, np.float64), val)  # fmt: skip
 
     def finetune(self, cells: list[CellData]) -> dict[str, Any]:
+        """Every grid cell, in order. In a job of several processes each cell runs on the one process
+        `assign_cells` gives it, on that process's own device, and is written there; after a barrier every
+        process reads the cells of the others."""
         c, plan, b = self.config, self.plan, self.config.benchmark
         data_cfg = stage_config(c, **{"data.rows_per_batch": b.finetune_rows_per_batch}).data
         optim_cfg = stage_config(c, **{"optim.schedule": b.finetune_schedule}).optim
-        runs, tuning, arm_params = [], [], {}
         items = [(cell, arm, size) for cell in cells for arm in plan.arms
                  for size in (plan.sizes if arm.kind != "oracle" else [0])]  # fmt: skip
-        bar = tqdm(items, desc="fine-tuning", unit="cell", disable=not self.progress, dynamic_ncols=True)
+        owner = assign_cells([cell_cost(arm, size, len(plan.replicates), b.finetune_max_steps)
+                              for _, arm, size in items], jax.process_count())  # fmt: skip
+        records: dict[str, dict[str, Any]] = {}
+        mine = [item for i, item in enumerate(items) if owner[i] == jax.process_index()]
+        bar = tqdm(mine, desc="fine-tuning", unit="cell", disable=not self.progress, dynamic_ncols=True)
         corpora: dict[str, Any] = {}
         for cell, arm, size in bar:
             key = f"finetune/{cell.name}/{arm.name}/n{size}"
-            done = self.manifest.done(key)
+            done = self._cell_done(key, cell, arm, size)
             if done is not None:
                 self.say(f"{key}: done in an earlier run, skipped")
-                runs.extend(done["runs"])
-                if done.get("tuning"):
-                    tuning.append(done["tuning"])
-                arm_params.setdefault(arm.name, done.get("params"))
+                records[key] = done
                 continue
             cell_tuning = params = None
             if arm.kind in ("logreg", "trees"):
@@ -293,14 +311,33 @@ class Benchmark:
                     eval_steps=b.finetune_eval_steps, patience=b.finetune_patience, corpus=corpora[cell.name],
                     programs=self.programs,
                 )  # fmt: skip
-            self.manifest.record(key, {"runs": cell_runs, "params": params, "tuning": cell_tuning})
-            runs.extend(cell_runs)
-            if cell_tuning:
-                tuning.append(cell_tuning)
-            arm_params.setdefault(arm.name, params)
+            records[key] = {"runs": cell_runs, "params": params, "tuning": cell_tuning}
+            write_json(cell_record_path(self.out, cell.name, arm.name, size), records[key])
+            self.manifest.record(key, records[key])
             bar.set_postfix_str(f"{cell.name} {arm.name} n={size}")
+        sync("grid cells written")
+        runs, tuning, arm_params = [], [], {}
+        for cell, arm, size in items:
+            key = f"finetune/{cell.name}/{arm.name}/n{size}"
+            if key not in records:  # another process's cell
+                records[key] = self._cell_done(key, cell, arm, size)
+                if records[key] is None:
+                    raise RuntimeError(f"{key}: no record after every process finished its cells")
+                self.manifest.record(key, records[key])
+            runs.extend(records[key]["runs"])
+            if records[key].get("tuning"):
+                tuning.append(records[key]["tuning"])
+            arm_params.setdefault(arm.name, records[key].get("params"))
         return {"runs": runs, "tuning": tuning, "params": arm_params, "compiles": self.programs.num_compiles,
                 "compile_log": [list(c) for c in self.programs.compiles]}
+
+    def _cell_done(self, key: str, cell: CellData, arm: Arm, size: int) -> dict[str, Any] | None:
+        """A finished cell's record: from the manifest, else from the file its process wrote."""
+        done = self.manifest.done(key)
+        path = cell_record_path(self.out, cell.name, arm.name, size)
+        if done is None and path.is_file():
+            done = read_json(path, f"benchmark cell record {key}")
+        return done
 
     def probe(self, cell: CellData) -> dict[str, Any]:
         """A linear probe of the frozen MLM encoder on the first task, trained on as many patients as the
@@ -340,6 +377,8 @@ class Benchmark:
         cells = [self.task_cell(task) for task in plan.tasks]
         grid = self._timed("finetune", lambda: self.finetune(cells))
         probe = None
+        if not is_writer():  # the probe and the report are process 0's
+            return {}
         if c.benchmark.probe and cells[0].risk is not None:
             probe = self._timed("probe", lambda: self.probe(cells[0]))
         return self.summary(cohorts, pre, med2vec, grid, probe, cells)

@@ -306,7 +306,9 @@ def train(config: ml_collections.ConfigDict, cohort: Cohort | None = None) -> Ru
             workdir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
             check_output_folder(workdir, resume=False, marker="config.json", what="run")
-        return _train(config, trainer, coverage, workdir, start_time)
+        result = _train(config, trainer, coverage, workdir, start_time)
+        sync("run written")  # no process reads the run's files (a benchmark stage does) before process 0 wrote them
+        return result
     finally:
         if lock is not None:
             lock.release()

@@ -76,8 +76,11 @@ def load_pretrained_run(
             raise ValueError(f"{label} {path}: no complete checkpoint in checkpoints/best or checkpoints/latest")
         which = "best" if checkpoints.best_step() is not None else "latest"
         num_seeds = _num_seeds(checkpoints, which, f"{label} {path}")
+        # On this process's own device: each process of a job holds the whole run (its grid cells run apart).
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((num_seeds, *x.shape), x.dtype), nnx.state(template, nnx.Param)
+            lambda x: jax.ShapeDtypeStruct((num_seeds, *x.shape), x.dtype, sharding=local),
+            nnx.state(template, nnx.Param),
         )
         expected = (f"the parameters of its config.json's {model_cfg.get('preset', '')} model with "
                     f"{len(vocab)} vocabulary entries and {num_seeds} seed(s)")  # fmt: skip

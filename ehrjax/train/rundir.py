@@ -191,12 +191,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 class RunLog:
     """`metrics.jsonl` (one JSON object per line), an optional progress bar and optional TensorBoard scalars.
 
-    resume_step: drop the records past the checkpoint a resumed run continues from.
+    resume_step: drop the records past the checkpoint a resumed run continues from. owner: whether this
+    process writes the log (default: process 0 only; a benchmark grid cell's log is its own process's).
     """
 
-    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = False):
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None, tensorboard: bool = False,
+                 owner: bool | None = None):  # fmt: skip
         self.path = Path(path)
-        self.writer = is_writer()
+        self.writer = is_writer() if owner is None else owner
         self._tb = None
         self._bar = None
         if not self.writer:

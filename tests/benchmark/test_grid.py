@@ -39,3 +39,22 @@ def test_replicates_draw_their_own_nested_labelled_sets(size):
         assert len({tuple(s) for s in sets}) == 3
     with pytest.raises(ValueError, match="exceeds"):
         replicate_rows(pool, 0, 1001)
+
+
+def test_cells_go_longest_first_to_the_least_loaded_process():
+    from ehrjax.benchmark.grid import assign_cells
+
+    assert assign_cells([5.0, 1.0, 4.0, 3.0, 0.0], 2) == [0, 0, 1, 1, 0]  # loads 6 and 7
+    assert assign_cells([2.0, 2.0, 2.0], 1) == [0, 0, 0]
+    assert assign_cells([1.0, 1.0], 4) == [0, 1]
+
+
+def test_cell_costs_rank_neural_above_baselines_above_ceilings():
+    from ehrjax.benchmark.grid import cell_cost
+    from ehrjax.train.arms import Arm
+
+    neural = Arm("scratch", lr_grid=(1e-4, 3e-4, 1e-3))
+    assert cell_cost(neural, 64, 3, 150) == 3 * 3 * (10 + 16) + 50
+    assert cell_cost(neural, 1000, 3, 150) == 3 * 3 * 150 + 50
+    assert 0 < cell_cost(Arm("logreg", kind="logreg"), 1000, 3, 150) < cell_cost(neural, 64, 3, 150)
+    assert cell_cost(Arm("oracle", kind="oracle"), 0, 3, 150) == 0.0
