@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.outcome = "heart_failure"
     c.finetune.train_size = 0  # 0 -> every training patient; k -> the first k (nested labeled-set sizes)
 
-    c.task = "mlm"  # 'mlm' | 'outcome' | 'next_visit'
+    c.task = "mlm"  # 'mlm' | 'clm' (next-code pre-training, causal attention) | 'outcome' | 'next_visit'
     c.arm = "scratch"  # a neural arm of `arms` (what a fine-tuning run starts from and trains)
     c.arms = default_arms()  # name -> code table / encoder source, trainable partitions, LoRA (ehrjax.train.arms)
     c.init_from = ""  # a checkpoint directory of a pre-training run to start from
@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 10
     c.train.patience = 3  # epochs without improvement of the validation metric before stopping
-    c.train.metric = ""  # '' -> 'loss' for mlm (minimised), 'auroc' for outcome, 'aps' for next_visit
+    c.train.metric = ""  # '' -> 'loss' for mlm and clm (minimised), 'auroc' for outcome, 'aps' for next_visit
     c.train.checkpoint_every = 200  # steps between 'latest' checkpoints (and at every epoch end)
     c.train.log_every = 50  # steps between host syncs for logging
     c.train.max_eval_patients = 2000  # validation patients scored per evaluation (MLM: held-out patients)

@@ -1,6 +1,10 @@
 """The benchmark's stages, each cached behind the manifest: a rerun with `--config.resume=DIR` skips what is done.
 
-    cohorts -> pretrain_mlm -> med2vec -> pretrain_med2vec_mlm -> finetune (arms x sizes x seeds) -> probe -> report
+    cohorts -> pretrain_mlm -> pretrain_clm -> med2vec -> pretrain_med2vec_mlm -> finetune (arms x sizes x seeds)
+        -> probe -> report
+
+`pretrain_clm` (next-code pre-training), `med2vec` and `pretrain_med2vec_mlm` run only when an arm of the run
+uses them.
 
 The config is read here, at the edge; the pieces below (trainer, fit, grid cells, probe, report) take explicit
 inputs. Every stage records its wall time and compile time; the summary (`summary.json`) is assembled from the
@@ -72,7 +76,7 @@ class Plan:
         return [a for a in self.arms if a.kind == "neural"]
 
     def needs(self, source: str) -> bool:
-        """Whether any arm uses a pre-training (`mlm`, `med2vec`, `med2vec_mlm`)."""
+        """Whether any arm uses a pre-training (`mlm`, `clm`, `med2vec`, `med2vec_mlm`)."""
         return any(source in (a.code_table, a.encoder) for a in self.neural)
 
 
@@ -198,9 +202,10 @@ class Benchmark:
         return fingerprints
 
     # pre-training --------------------------------------------------------------------------------------------
-    def _pretrain(self, name: str, embeddings_from: str = "", embed_dim: int | None = None) -> dict[str, Any]:
+    def _pretrain(self, name: str, embeddings_from: str = "", embed_dim: int | None = None,
+                  task: str = "mlm") -> dict[str, Any]:  # fmt: skip
         c, directory = self.config, self.out / name
-        overrides = {"task": "mlm", "output_dir": str(directory), "resume": "", "init_from": "",
+        overrides = {"task": task, "output_dir": str(directory), "resume": "", "init_from": "",
                      "embeddings_from": embeddings_from, "train.epochs": c.benchmark.pretrain_epochs}  # fmt: skip
         if embed_dim is not None:
             overrides["model.embed_dim"] = embed_dim
@@ -214,7 +219,8 @@ class Benchmark:
                 curve.append({"step": r["step"], "epoch": r["epoch"], "split": "train" if r["event"] == "train"
                               else "val", "loss": r["loss"]})  # fmt: skip
         test = {k: v for k, v in result.test.items() if k != "baselines"}
-        return {"label": "learned code table" if not embeddings_from else "frozen Med2Vec table",
+        label = "frozen Med2Vec table" if embeddings_from else "learned code table"
+        return {"label": label if task == "mlm" else f"next-code prediction, {label}",
                 "dir": name, "steps": result.steps, "wall_s": result.wall_seconds, "test": test,
                 "baselines": result.test.get("baselines", {}), "curve": curve, "compile_s": result.compile_seconds,
                 "train_s": result.wall_seconds - result.compile_seconds}  # fmt: skip
@@ -256,8 +262,8 @@ class Benchmark:
             table = self._import(self.med2vec_path if arm.code_table == "med2vec" else arm.code_table)[0]
             if table.shape[1] != c.model.embed_dim:  # the table's width; the projection maps it to hidden_dim
                 model_cfg = stage_config(c, **{"model.embed_dim": int(table.shape[1])}).model
-        elif arm.code_table == "mlm":
-            table = pretrained_table(self.runs["mlm"])
+        elif arm.code_table in ("mlm", "clm"):
+            table = pretrained_table(self.runs[arm.code_table])
         return ArmInputs(arm=arm, model_cfg=model_cfg, pretrained=pretrained, code_table=table,
                          trainable=arm.trainable, lora_cfg=arm_lora_config(arm, c.lora))  # fmt: skip
 
@@ -365,6 +371,12 @@ class Benchmark:
         pre = {"mlm": self._timed("pretrain_mlm", lambda: self._pretrain("pretrain_mlm"))}
         self.runs: dict[str, PretrainedRun] = {"mlm": load_pretrained_run(self.out / "pretrain_mlm", task="mlm")}
         self.vocab: Vocab = self.runs["mlm"].vocab
+        if plan.needs("clm"):
+            pre["clm"] = self._timed("pretrain_clm", lambda: self._pretrain("pretrain_clm", task="clm"))
+            self.runs["clm"] = load_pretrained_run(self.out / "pretrain_clm", task="clm")
+            if self.runs["clm"].vocab != self.vocab:
+                raise ValueError(f"{self.out / 'pretrain_clm'}: its vocabulary differs from pretrain_mlm's; both are "
+                                 "built from the pre-training cohort's training split")  # fmt: skip
         med2vec = None
         if plan.needs("med2vec") or plan.needs("med2vec_mlm"):
             med2vec = self._timed("med2vec", self.med2vec)

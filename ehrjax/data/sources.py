@@ -1,10 +1,10 @@
 """Where a task's cohort comes from: the seeded synthetic generator (default) or a MEDS dataset on disk.
 
-`data.source = "synthetic"`: `mlm` takes the `pretrain` stream, `outcome` and `next_visit` the `finetune`
-stream, sized and seeded by `pretrain` / `finetune`. `data.source = "meds"`: `mlm` reads every subject of
-`data.meds_pretrain_dir` if set, else `data.meds_dir` (splits from its `subject_splits.parquet`); `outcome`
-reads the subjects of the label folder `data.meds_labels` in `data.meds_dir`, each history cut strictly before
-its prediction time (`ehrjax.data.meds`).
+`data.source = "synthetic"`: `mlm` and `clm` take the `pretrain` stream, `outcome` and `next_visit` the
+`finetune` stream, sized and seeded by `pretrain` / `finetune`. `data.source = "meds"`: `mlm` and `clm` read
+every subject of `data.meds_pretrain_dir` if set, else `data.meds_dir` (splits from its
+`subject_splits.parquet`); `outcome` reads the subjects of the label folder `data.meds_labels` in
+`data.meds_dir`, each history cut strictly before its prediction time (`ehrjax.data.meds`).
 MEDS label files carry no next-visit codes, so `next_visit` needs the synthetic source.
 """
 
@@ -32,19 +32,19 @@ def validate_data_source(data: Any) -> None:
 
 def task_cohort(config: Any, task: str) -> Cohort:
     """The cohort a task trains on: synthetic (pre-training or fine-tuning stream) or read from MEDS."""
-    from ehrjax.data.tasks import TASKS
+    from ehrjax.data.tasks import PRETRAIN_TASKS, TASKS
 
     if task not in TASKS:
         raise ValueError(f"task {task!r} unknown; expected one of {TASKS}")
     validate_data_source(config.data)
     if config.data.source == "synthetic":
-        section = config.pretrain if task == "mlm" else config.finetune
-        stream = "pretrain" if task == "mlm" else "finetune"
+        section = config.pretrain if task in PRETRAIN_TASKS else config.finetune
+        stream = "pretrain" if task in PRETRAIN_TASKS else "finetune"
         return generate_cohort(section.num_patients, section.seed, stream, config.data.num_noise_codes)
     from ehrjax.data.meds import read_meds
 
     visit_hours = float(config.data.meds_visit_hours)
-    if task == "mlm":
+    if task in PRETRAIN_TASKS:
         return read_meds(config.data.meds_pretrain_dir or config.data.meds_dir, visit_hours=visit_hours)
     if task == "next_visit":
         raise ValueError("task 'next_visit' needs next-visit labels, which MEDS label files do not carry; use "

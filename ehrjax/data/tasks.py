@@ -1,6 +1,6 @@
 """The data of one training task, from a config: cohort -> vocabulary -> tokenised corpus -> labels -> splits.
 
-`mlm` pre-trains on the `pretrain` stream; `outcome` and `next_visit` fine-tune on the `finetune` stream,
+`mlm` and `clm` pre-train on the `pretrain` stream; `outcome` and `next_visit` fine-tune on the `finetune` stream,
 restricted to the patients the task is defined for. The vocabulary is built on the training split (or given:
 a fine-tuning run reuses its pre-training run's vocabulary, so code ids line up with the pre-trained table).
 `finetune.train_size` takes the first k training patients, so labeled-set sizes are nested prefixes.
@@ -19,13 +19,14 @@ from ehrjax.data.sources import task_cohort
 from ehrjax.data.tokenize import TokenizedCorpus, tokenize
 from ehrjax.data.vocab import NUM_SPECIAL, Vocab
 
-TASKS: tuple[str, ...] = ("mlm", "outcome", "next_visit")
+TASKS: tuple[str, ...] = ("mlm", "clm", "outcome", "next_visit")
+PRETRAIN_TASKS: tuple[str, ...] = ("mlm", "clm")  # unlabelled, on the pre-training cohort: they predict codes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TaskData:
     """task: one of TASKS; cohort: the task's patients; corpus: their layout (corpus row i = cohort row i);
-    labels: float32[n, num_labels] or None (mlm); splits: corpus indices per split; label_space: vocab ids of
+    labels: float32[n, num_labels] or None (mlm, clm); splits: corpus indices per split; label_space: vocab ids of
     the next-visit label columns (next_visit only)."""
 
     task: str
@@ -158,10 +159,10 @@ def check_evaluable(data: TaskData) -> None:
 def build_task_data(
     config: Any, task: str | None = None, *, vocab: Vocab | None = None, cohort: Cohort | None = None
 ) -> TaskData:
-    """`make_task_data` for the config's cohort (`pretrain` stream for mlm, `finetune` otherwise); `cohort`: that
-    cohort already at hand (the benchmark holds it), instead of generating or reading it again."""
+    """`make_task_data` for the config's cohort (`pretrain` stream for mlm and clm, `finetune` otherwise); `cohort`:
+    that cohort already at hand (the benchmark holds it), instead of generating or reading it again."""
     task = task or config.task
-    train_size = config.finetune.train_size if task != "mlm" else 0
+    train_size = config.finetune.train_size if task not in PRETRAIN_TASKS else 0
     cohort = cohort if cohort is not None else task_cohort(config, task)
     return make_task_data(cohort, task, max_len=config.data.max_len, vocab=vocab, min_count=config.data.min_count,
                           train_size=train_size, time_tokens=config.data.time_tokens)  # fmt: skip

@@ -1,6 +1,6 @@
-"""Trivial MLM baselines: what a masked-code loss is worth without a model.
+"""Trivial MLM and CLM baselines: what a masked-code or next-code loss is worth without a model.
 
-Two predictors of a masked code, scored on exactly the masked slots the model is scored on:
+Two predictors of a masked code (MLM), scored on exactly the masked slots the model is scored on:
 
 - `unigram`: the training tokens' code frequencies, `p(c) = (count(c) + 1) / (N + V_clin)` over the
   clinical codes (ids >= NUM_SPECIAL; `N` clinical training tokens, `V_clin` clinical codes). Add-one
@@ -13,6 +13,16 @@ Two predictors of a masked code, scored on exactly the masked slots the model is
   number of such tokens. A slot whose patient shows no other visible code (`n_other == 0`) is scored by the
   unigram alone (the mixture would put mass 1 - λ on nothing). λ is fitted on validation slots by maximum
   likelihood, then the test slots are scored.
+
+Two predictors of the next code (CLM, `task=clm`), scored on exactly the positions the model is scored on
+(`ehrjax.train.steps.clm_targets`: a position whose next token is a clinical code of the same patient):
+
+- `unigram`: the same training code frequencies as above, whatever the current token.
+- `bigram`: the code given the current token t (any id: `[CLS]`, `[SEP]`, a time token, a code), add-k
+  smoothed with the unigram: `p(c | t) = (n(t, c) + k · unigram(c)) / (n(t) + k)`, `n(t, c)` the times code `c`
+  follows `t` in the training patients and `n(t)` its sum over `c`; a token never followed by a code in training
+  gets the unigram. k > 0 is fitted on the validation positions by maximum likelihood, then the test positions
+  are scored.
 
 Top-1 / top-10 use the model's rank convention: rank = number of codes scoring strictly higher than the
 label; a hit at k when rank < k (ties are counted in the label's favour). Losses are in nats per target.
@@ -31,16 +41,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.optimize import brentq
+from scipy.optimize import brentq, minimize_scalar
 
 from ehrjax.data.batching import DeviceBatcher
 from ehrjax.data.cohort import ragged_index
-from ehrjax.data.tasks import TaskData
+from ehrjax.data.tasks import PRETRAIN_TASKS, TaskData
 from ehrjax.data.tokenize import TokenizedCorpus
 from ehrjax.data.vocab import NUM_SPECIAL
 from ehrjax.train.steps import StepConfig, make_mlm_targets_step
 
 BASELINES: tuple[str, ...] = ("unigram", "copy")
+CLM_BASELINES: tuple[str, ...] = ("unigram", "bigram")
+K_LOG10_GRID = np.linspace(-3.0, 6.0, 37)  # log10 of the bigram's k candidates, 4 per decade from 1e-3 to 1e6
 SUM_KEYS: tuple[str, ...] = ("loss_sum", "correct", "correct_top10", "weight")
 BATCH_KEYS: tuple[str, ...] = ("masked_codes", "segment_ids", "positions", "labels", "weights")
 
@@ -180,6 +192,15 @@ def _rank_sums(rank: jax.Array, loss: jax.Array, weights: jax.Array) -> dict[str
     }
 
 
+def _unigram_sums(labels: jax.Array, weights: jax.Array, log_unigram: jax.Array) -> dict[str, jax.Array]:
+    """The unigram's sums over the targets `labels` int32[...] weighted by `weights` f32[...]; log_unigram: f32[V]."""
+    label_log_u = log_unigram[labels]
+    ordered = jnp.sort(log_unigram)
+    rank = log_unigram.shape[0] - jnp.searchsorted(ordered, label_log_u, side="right")
+    # Empty slots (weight 0, label [PAD]) have p = 0: keep their infinite losses out of the weighted sums.
+    return _rank_sums(rank, jnp.where(weights > 0, -label_log_u, 0.0), weights)
+
+
 def baseline_sums(
     masked_codes: jax.Array,
     segment_ids: jax.Array,
@@ -198,16 +219,9 @@ def baseline_sums(
     slot whose label its patient does not show.
     """
     log_unigram = jnp.asarray(log_unigram, jnp.float32)
-    vocab = log_unigram.shape[0]
     weights = weights.astype(jnp.float32)
     labels = labels.astype(jnp.int32)
-
-    label_log_u = log_unigram[labels]
-    ordered = jnp.sort(log_unigram)
-    unigram_rank = vocab - jnp.searchsorted(ordered, label_log_u, side="right")
-    # Empty slots (weight 0, label [PAD]) have p = 0: keep their infinite losses out of the weighted sums.
-    unigram = _rank_sums(unigram_rank, jnp.where(weights > 0, -label_log_u, 0.0), weights)
-
+    unigram = _unigram_sums(labels, weights, log_unigram)
     mix = copy_mixture_probs(masked_codes, segment_ids, positions, log_unigram, lam)
     label_p = jnp.take_along_axis(mix, labels[..., None], axis=-1)
     copy_rank = jnp.sum(mix > label_p, axis=-1)
@@ -255,18 +269,23 @@ def mlm_baselines(
         for name in BASELINES:
             for key in SUM_KEYS:
                 totals[name][key] += float(sums[name][key])
+    out = _means(totals, "mlm_baselines: the test batches hold no masked target")
+    out["copy"]["lambda"] = lam
+    return out
+
+
+def _means(totals: dict[str, dict[str, float]], empty: str) -> dict[str, dict[str, float]]:
+    """Per baseline: loss, top1, top10 per target and n from summed `SUM_KEYS`; `empty`: the error without targets."""
     out: dict[str, dict[str, float]] = {}
-    for name in BASELINES:
-        t = totals[name]
+    for name, t in totals.items():
         if t["weight"] <= 0:
-            raise ValueError("mlm_baselines: the test batches hold no masked target")
+            raise ValueError(empty)
         out[name] = {
             "loss": t["loss_sum"] / t["weight"],
             "top1": t["correct"] / t["weight"],
             "top10": t["correct_top10"] / t["weight"],
             "n": t["weight"],
         }
-    out["copy"]["lambda"] = lam
     return out
 
 
@@ -280,7 +299,17 @@ def eval_mlm_batches(
     """The masked batches the MLM evaluation scores, in its order: the fixed plan `plan_epoch(0,
     shuffle=False)`, its `k`-th batch masked with `eval_mask_key(k)` and the step's `mlm_targets` settings
     (`ehrjax.train.steps`). Yields dicts of `BATCH_KEYS` arrays."""
-    cfg = StepConfig(task="mlm", code_end=code_end, mask_prob=mask_prob, mlm_slot_factor=slot_factor)
+    return _eval_batches(batcher, StepConfig(task="mlm", code_end=code_end, mask_prob=mask_prob,
+                                             mlm_slot_factor=slot_factor))  # fmt: skip
+
+
+def eval_clm_batches(batcher: DeviceBatcher, code_end: int) -> Iterator[dict[str, jax.Array]]:
+    """The batches the CLM evaluation scores, in its order, with their next-code targets (`clm_targets`;
+    `masked_codes` is the unchanged input). Yields dicts of `BATCH_KEYS` arrays."""
+    return _eval_batches(batcher, StepConfig(task="clm", code_end=code_end))
+
+
+def _eval_batches(batcher: DeviceBatcher, cfg: StepConfig) -> Iterator[dict[str, jax.Array]]:
     plan = batcher.plan_epoch(0, shuffle=False)
     for k in range(plan.num_batches):
         g, j = (int(x) for x in plan.order[k])
@@ -307,6 +336,146 @@ def run_mlm_baselines(data: TaskData, data_cfg: Any, *, seed: int, max_val_patie
     return mlm_baselines(eval_mlm_batches(val, *settings), eval_mlm_batches(test, *settings), log_unigram)
 
 
+def next_code_pairs(corpus: TokenizedCorpus, patients: np.ndarray, code_end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every next-code target of `patients` (corpus indices), in corpus order: `(current, target)` int32[n], the
+    token at a position and the clinical code (id NUM_SPECIAL..code_end-1) after it in the same patient, the
+    pairs `clm_targets` scores."""
+    index, offsets = ragged_index(np.asarray(corpus.offsets, dtype=np.int64), np.asarray(patients, dtype=np.int64))
+    codes = np.asarray(corpus.codes, dtype=np.int32)[index]
+    first = np.zeros(len(codes), dtype=bool)
+    first[offsets[:-1][offsets[:-1] < len(codes)]] = True
+    keep = ~first[1:] & (codes[1:] >= NUM_SPECIAL) & (codes[1:] < code_end)
+    return codes[:-1][keep], codes[1:][keep]
+
+
+def bigram_counts(current: np.ndarray, target: np.ndarray, vocab_size: int, code_end: int) -> np.ndarray:
+    """f32[vocab_size, code_end]: how often each code follows each token, from pairs int[n] (`next_code_pairs`)."""
+    current, target = np.asarray(current, dtype=np.int64), np.asarray(target, dtype=np.int64)
+    if len(current) and (current.max() >= vocab_size or target.max() >= code_end or target.min() < NUM_SPECIAL):
+        raise ValueError(f"bigram pairs: ids outside a vocabulary of {vocab_size} ids with codes {NUM_SPECIAL}.."
+                         f"{code_end - 1}")  # fmt: skip
+    keys, n = np.unique(current * code_end + target, return_counts=True)
+    counts = np.zeros(vocab_size * code_end, dtype=np.float32)
+    counts[keys] = n
+    return counts.reshape(vocab_size, code_end)
+
+
+def bigram_log_likelihood(k: float, n_pair: np.ndarray, n_current: np.ndarray, unigram_p: np.ndarray) -> float:
+    """Mean log p(label | current) of the bigram with smoothing `k`, from each target's pair count, current-token
+    count and label unigram probability (float arrays of one shape)."""
+    return float(np.mean(np.log(n_pair + k * unigram_p) - np.log(n_current + k)))
+
+
+def fit_bigram_k(n_pair: np.ndarray, n_current: np.ndarray, unigram_p: np.ndarray) -> float:
+    """The smoothing k in [1e-3, 1e6] maximising the bigram's mean log-likelihood of validation targets (arrays as
+    in `bigram_log_likelihood`): the best of `K_LOG10_GRID`, refined by a bounded search between its neighbours
+    (deterministic)."""
+    n_pair, n_current, unigram_p = (np.asarray(x, dtype=np.float64).reshape(-1) for x in (n_pair, n_current,
+                                                                                            unigram_p))  # fmt: skip
+    if len(n_pair) == 0:
+        raise ValueError("fit_bigram_k: no validation target to fit on")
+    grid = K_LOG10_GRID
+    values = [bigram_log_likelihood(10.0**g, n_pair, n_current, unigram_p) for g in grid]
+    best = int(np.argmax(values))
+    left, right = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    found = minimize_scalar(lambda g: -bigram_log_likelihood(10.0**g, n_pair, n_current, unigram_p),
+                            bounds=(left, right), method="bounded", options={"xatol": 1e-6})  # fmt: skip
+    return float(10.0 ** (found.x if -found.fun >= values[best] else grid[best]))
+
+
+def bigram_sums(
+    current: jax.Array,
+    labels: jax.Array,
+    weights: jax.Array,
+    counts: jax.Array,
+    log_unigram: jax.Array,
+    k: jax.Array | float,
+) -> dict[str, dict[str, jax.Array]]:
+    """Both CLM baselines on one batch: `{'unigram': sums, 'bigram': sums}` (sums as in `baseline_sums`).
+
+    current, labels: int32[...] (the token at each scored position and the code after it); weights: f32[...];
+    counts: f32[V, C] (`bigram_counts`); log_unigram: f[C] (`unigram_log_probs` of the codes below code_end = C);
+    k: the smoothing (> 0). Ranks compare the numerators n(t, c) + k unigram(c) of one row, so they are exact.
+    """
+    log_unigram = jnp.asarray(log_unigram, jnp.float32)
+    weights = weights.astype(jnp.float32)
+    labels = labels.astype(jnp.int32)
+    rows = jnp.asarray(counts, jnp.float32)[current]  # [..., C]
+    numerators = rows + jnp.asarray(k, jnp.float32) * jnp.exp(log_unigram)
+    label_numerator = jnp.take_along_axis(numerators, labels[..., None], axis=-1)
+    rank = jnp.sum(numerators > label_numerator, axis=-1)
+    log_p = jnp.log(label_numerator[..., 0]) - jnp.log(jnp.sum(rows, axis=-1) + k)
+    bigram = _rank_sums(rank, jnp.where(weights > 0, -log_p, 0.0), weights)
+    return {"unigram": _unigram_sums(labels, weights, log_unigram), "bigram": bigram}
+
+
+_bigram_sums_jit = jax.jit(bigram_sums)
+
+
+def _current_tokens(batch: dict[str, Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(current, labels, weights) of a CLM evaluation batch: the input token at each scored position."""
+    codes, _, positions, labels, weights = _host_batch(batch)
+    return jnp.take_along_axis(codes, positions, axis=1), labels, weights
+
+
+def clm_baselines(
+    val_batches: Iterable[dict[str, Any]],
+    test_batches: Iterable[dict[str, Any]],
+    counts: np.ndarray,
+    log_unigram: np.ndarray,
+) -> dict[str, dict[str, float]]:
+    """Fit the bigram's k on the validation batches, score both CLM baselines on the test batches.
+
+    Batches are dicts of `BATCH_KEYS` arrays (`eval_clm_batches`); counts: f32[V, C] training bigram counts;
+    log_unigram: f[C]. Returns `{'unigram': {loss, top1, top10, n}, 'bigram': {loss, top1, top10, n, k}}`;
+    loss in nats per next-code target, n the number of test targets.
+    """
+    counts = np.asarray(counts, dtype=np.float32)
+    log_unigram = np.asarray(log_unigram, dtype=np.float64)
+    totals = counts.sum(axis=1, dtype=np.float64)
+    fit: list[tuple[np.ndarray, ...]] = []
+    for batch in val_batches:
+        current, labels, weights = (np.asarray(x) for x in jax.device_get(_current_tokens(batch)))
+        current, labels = current[weights > 0], labels[weights > 0]
+        fit.append((counts[current, labels], totals[current], np.exp(log_unigram[labels])))
+    if not fit:
+        raise ValueError("clm_baselines: no validation batches to fit k on")
+    k = fit_bigram_k(*(np.concatenate([f[i] for f in fit]) for i in range(3)))
+
+    sums_total = {name: dict.fromkeys(SUM_KEYS, 0.0) for name in CLM_BASELINES}
+    counts_dev, log_unigram_dev = jnp.asarray(counts), jnp.asarray(log_unigram, jnp.float32)
+    for batch in test_batches:
+        sums = jax.device_get(_bigram_sums_jit(*_current_tokens(batch), counts_dev, log_unigram_dev, jnp.float32(k)))
+        for name in CLM_BASELINES:
+            for key in SUM_KEYS:
+                sums_total[name][key] += float(sums[name][key])
+    out = _means(sums_total, "clm_baselines: the test batches hold no next-code target")
+    out["bigram"]["k"] = k
+    return out
+
+
+def run_clm_baselines(data: TaskData, data_cfg: Any, *, seed: int, max_val_patients: int) -> dict[str, Any]:
+    """Both CLM baselines for a CLM task's data, on the positions its run evaluates: unigram and bigram counts
+    from the training split, k fitted on the first `max_val_patients` validation patients (the run's
+    validation set), scored on every test patient. data_cfg: the run's `data` config section (batching)."""
+    if data.task != "clm":
+        raise ValueError(f"run_clm_baselines: expected the 'clm' task's data, got {data.task!r}")
+    code_end = data.vocab.code_end
+    log_unigram = unigram_log_probs(token_counts(data.corpus, data.splits["train"], len(data.vocab))[:code_end])
+    counts = bigram_counts(*next_code_pairs(data.corpus, data.splits["train"], code_end), len(data.vocab), code_end)
+    val = DeviceBatcher.from_config(data_cfg, data.corpus, seed=seed, patients=data.splits["val"][:max_val_patients])
+    test = DeviceBatcher.from_config(
+        data_cfg, data.corpus, seed=seed, patients=data.splits["test"], device_corpus=val.corpus
+    )
+    return clm_baselines(eval_clm_batches(val, code_end), eval_clm_batches(test, code_end), counts, log_unigram)
+
+
+def run_baselines(data: TaskData, data_cfg: Any, *, seed: int, max_val_patients: int) -> dict[str, Any]:
+    """The baselines of a pre-training task's data: `run_mlm_baselines` or `run_clm_baselines`."""
+    run = run_clm_baselines if data.task == "clm" else run_mlm_baselines
+    return run(data, data_cfg, seed=seed, max_val_patients=max_val_patients)
+
+
 def last_test_eval(metrics_path: str | os.PathLike) -> dict[str, Any] | None:
     """The last `eval` record of split `test` in a run's metrics.jsonl, or None (a torn last line, left by a
     kill, is dropped with a warning; a bad line elsewhere is a one-line ValueError naming the file and line)."""
@@ -322,18 +491,19 @@ def last_test_eval(metrics_path: str | os.PathLike) -> dict[str, Any] | None:
 def format_table(result: dict[str, Any]) -> str:
     """Model (when known) and baselines as an aligned text table: loss (nats per target), top-1, top-10."""
     lines = [f"{'predictor':<10} {'loss':>7} {'top1':>7} {'top10':>7}  note"]
-    for name in ("model", *BASELINES):
+    for name in ("model", *dict.fromkeys(BASELINES + CLM_BASELINES)):
         r = result.get(name)
         if r is None:
             continue
-        note = f"λ = {r['lambda']:.4f}" if "lambda" in r else ""
+        note = f"λ = {r['lambda']:.4f}" if "lambda" in r else f"k = {r['k']:.4g}" if "k" in r else ""
         lines.append(f"{name:<10} {r['loss']:>7.4f} {r['top1']:>7.4f} {r['top10']:>7.4f}  {note}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m ehrjax.eval.baselines RUN_DIR [--out FILE]`: the MLM baselines of a pre-training run's
-    held-out slots, next to the run's own test evaluation from its metrics.jsonl."""
+    """`python -m ehrjax.eval.baselines RUN_DIR [--out FILE]`: the baselines of a pre-training run's held-out
+    targets (MLM: unigram and copy; CLM: unigram and bigram), next to the run's own test evaluation from its
+    metrics.jsonl."""
     import argparse
     import sys
 
@@ -364,12 +534,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"run {args.run_dir}: config.json is not a run config (a JSON object with 'data' and "
                              "'train' sections)")  # fmt: skip
         config = ml_collections.ConfigDict(fill_defaults(saved))
-        if config.get("task") != "mlm":
-            raise ValueError(f"run {args.run_dir}: a run of task {config.get('task')}, expected mlm")
+        if config.get("task") not in PRETRAIN_TASKS:
+            raise ValueError(f"run {args.run_dir}: a run of task {config.get('task')}, expected one of "
+                             f"{', '.join(PRETRAIN_TASKS)}")  # fmt: skip
         metrics = args.run_dir / "metrics.jsonl"
         model = last_test_eval(metrics) if metrics.is_file() else None  # a bad log fails before the work
-        data = build_task_data(config, "mlm", vocab=Vocab.load(args.run_dir / "vocab.json"))
-        result: dict[str, Any] = run_mlm_baselines(
+        data = build_task_data(config, config.task, vocab=Vocab.load(args.run_dir / "vocab.json"))
+        result: dict[str, Any] = run_baselines(
             data, config.data, seed=config.seed, max_val_patients=config.train.max_eval_patients
         )
         if model is not None:

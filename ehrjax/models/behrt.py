@@ -105,6 +105,8 @@ class Behrt(nnx.Module):
 
     model_cfg: `ehrjax.config.model_config(...)`; vocab_size: len(Vocab); lora_cfg: `config.lora` to attach
     adapters (drawn after every base parameter, so base weights match a LoRA-free model of the same seed).
+    causal: attention on the earlier tokens of each patient only, and a copy head that points at them only
+    (next-code pre-training); the parameters are those of the bidirectional model.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class Behrt(nnx.Module):
         num_labels: int = 0,
         lora_cfg: ml_collections.ConfigDict | None = None,
         mlm_head: bool = True,
+        causal: bool = False,
         rngs: nnx.Rngs,
     ):
         validate_model_config(model_cfg)
@@ -128,7 +131,7 @@ class Behrt(nnx.Module):
         self.vocab_size = vocab_size
         self.num_labels = num_labels
         self.embeddings = BehrtEmbeddings(model_cfg, vocab_size, dtype=dtype, rngs=rngs)
-        self.encoder = Encoder(model_cfg, dtype=dtype, rngs=rngs)
+        self.encoder = Encoder(model_cfg, dtype=dtype, causal=causal, rngs=rngs)
         self.mlm_head = nnx.data(None)
         if mlm_head:
             self.mlm_head = MlmHead(
@@ -137,6 +140,7 @@ class Behrt(nnx.Module):
                 vocab_size,
                 tied=bool(model_cfg.tie_mlm),
                 copy=bool(model_cfg.mlm_copy),
+                causal=causal,
                 dtype=dtype,
                 rngs=rngs,
             )

@@ -8,6 +8,10 @@ uses the `xla` path instead (or the kernel in Pallas interpret mode with `model.
 tests). Neither fused path has attention dropout: training with `attention_dropout > 0` takes an explicit XLA
 softmax-dropout path, so `validate_model_config` refuses that rate with `cudnn` or `pallas`.
 
+A causal encoder (`causal=True`, built for next-code pre-training, `task=clm`) lets a token see only the tokens of
+its own segment at or before it: the block-diagonal mask's lower triangle on the XLA paths, `causal=True` for
+the Pallas kernel. Every other model is bidirectional.
+
 Layers live at `encoder/layers/<i>/...` (a list) or, with `model.scan_layers`, once at `encoder/layers/...`
 with a leading layer axis on every parameter, applied by `nnx.scan` so compile time does not grow with
 depth. `stack_layers` / `unstack_layers` convert a parameter state between the two layouts.
@@ -28,13 +32,18 @@ from ehrjax.models.dropout import Dropout
 from ehrjax.models.lora import LoRADense
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
+def attention_mask(segment_ids: jax.Array, causal: bool = False) -> jax.Array:
     """segment_ids: int32[batch, seq] (0 = padding) -> bool[batch, 1, seq, seq].
 
-    A token attends to the tokens of its own segment (patient). Padding forms a segment of its own, so
-    padding queries have a non-empty row (no NaN) while real tokens never see padding.
+    A token attends to the tokens of its own segment (patient); `causal`: to those at or before it only.
+    Segments are contiguous, so the row-wide lower triangle is causal within each segment. Padding forms a
+    segment of its own, so padding queries have a non-empty row (no NaN) while real tokens never see padding.
     """
-    return segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    if causal:
+        seq = segment_ids.shape[1]
+        mask &= jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    return mask
 
 
 def pallas_supports(seq: int) -> bool:
@@ -51,12 +60,14 @@ def segment_attention(
     *,
     implementation: str | None = "xla",
     interpret: bool = False,
+    causal: bool = False,
 ) -> jax.Array:
     """Softmax attention within segments, no dropout. q, k, v: f[batch, seq, heads, head_dim]; segment_ids:
     int32[batch, seq] (0 = padding, a segment of its own) -> f[batch, seq, heads, head_dim].
 
     `implementation`: `pallas` runs the Pallas Triton flash-attention kernel (a GPU, or `interpret=True` on any
-    platform); anything else is passed to `jax.nn.dot_product_attention` with `attention_mask(segment_ids)`.
+    platform); anything else is passed to `jax.nn.dot_product_attention` with `attention_mask(segment_ids,
+    causal)`. `causal`: a query sees the keys of its segment at or before it (next-code pre-training).
     """
     if implementation == "pallas":
         from jax.experimental.pallas.ops.gpu.attention import mha
@@ -68,8 +79,9 @@ def segment_attention(
                 f"of 128; got {seq} (data.row_len / bucket or pack row lengths)"
             )
         scale = float(q.shape[-1]) ** -0.5
-        return mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale, causal=False, interpret=interpret)
-    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids), implementation=implementation)
+        return mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=scale, causal=causal, interpret=interpret)
+    mask = attention_mask(segment_ids, causal)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def resolve_attention_impl(implementation: str | None, interpret: bool = False) -> str | None:
@@ -95,10 +107,12 @@ def split_key(key: jax.Array | None, num: int) -> list[jax.Array | None]:
 
 
 class SelfAttention(nnx.Module):
-    """Multi-head self-attention within segments. x: f[batch, seq, hidden], segment_ids: int32[batch, seq]."""
+    """Multi-head self-attention within segments (`causal`: on the earlier tokens of the segment only).
+    x: f[batch, seq, hidden], segment_ids: int32[batch, seq]."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, causal: bool = False, rngs: nnx.Rngs):
         hidden = cfg.hidden_dim
+        self.causal = causal
         self.num_heads = cfg.num_heads
         self.head_dim = hidden // cfg.num_heads
         self.interpret = bool(cfg.attention_interpret)
@@ -122,10 +136,11 @@ class SelfAttention(nnx.Module):
         v = self.v(x, deterministic=deterministic, rngs=kv).reshape(heads)
         if deterministic or self.attn_dropout.rate == 0.0:
             out = segment_attention(
-                q, k, v, segment_ids, implementation=self.implementation, interpret=self.interpret
-            )
+                q, k, v, segment_ids, implementation=self.implementation, interpret=self.interpret,
+                causal=self.causal,
+            )  # fmt: skip
         else:
-            out = self._attention_with_dropout(q, k, v, attention_mask(segment_ids), kp)
+            out = self._attention_with_dropout(q, k, v, attention_mask(segment_ids, self.causal), kp)
         return self.o(out.reshape(batch, seq, -1), deterministic=deterministic, rngs=ko)
 
     def _attention_with_dropout(
@@ -144,10 +159,10 @@ class EncoderLayer(nnx.Module):
     """x + Attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP. x: f[batch, seq, hidden], segment_ids:
     int32[batch, seq]."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, causal: bool = False, rngs: nnx.Rngs):
         hidden = cfg.hidden_dim
         self.attn_norm = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs)
-        self.attn = SelfAttention(cfg, dtype=dtype, rngs=rngs)
+        self.attn = SelfAttention(cfg, dtype=dtype, causal=causal, rngs=rngs)
         self.mlp_norm = nnx.LayerNorm(hidden, dtype=dtype, rngs=rngs)
         self.mlp_in = LoRADense(hidden, cfg.mlp_dim, target="mlp_in", dtype=dtype, rngs=rngs)
         self.mlp_out = LoRADense(cfg.mlp_dim, hidden, target="mlp_out", dtype=dtype, rngs=rngs)
@@ -167,9 +182,9 @@ class EncoderLayer(nnx.Module):
 
 class Encoder(nnx.Module):
     """`num_layers` pre-LN layers and a final LayerNorm. x: f[batch, seq, hidden] -> same shape; segment_ids:
-    int32[batch, seq] (0 = padding), the block-diagonal attention pattern."""
+    int32[batch, seq] (0 = padding), the block-diagonal attention pattern (`causal`: its lower triangle)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ml_collections.ConfigDict, *, dtype: jnp.dtype, causal: bool = False, rngs: nnx.Rngs):
         self.num_layers = cfg.num_layers
         self.scan_layers = bool(cfg.scan_layers)
         if self.scan_layers:
@@ -177,11 +192,12 @@ class Encoder(nnx.Module):
             @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=(0,), out_axes=0)
             def stacked(rngs: nnx.Rngs) -> EncoderLayer:
-                return EncoderLayer(cfg, dtype=dtype, rngs=rngs)
+                return EncoderLayer(cfg, dtype=dtype, causal=causal, rngs=rngs)
 
             self.layers = stacked(rngs)
         else:
-            self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, causal=causal, rngs=rngs)
+                                    for _ in range(cfg.num_layers)])  # fmt: skip
         self.final_norm = nnx.LayerNorm(cfg.hidden_dim, dtype=dtype, rngs=rngs)
 
     def __call__(

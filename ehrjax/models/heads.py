@@ -28,9 +28,12 @@ class CopyHead(nnx.Module):
     clinical codes visible in the same segment (patient), so a code the patient already has can be predicted
     with no per-code weight: the vocabulary decoder alone learns to copy a code only from examples of that
     code, which the long tail of rare codes does not provide in a short pre-training. g = sigmoid(gate(h)).
+    `causal` (next-code prediction): only the codes at or before the target's position are visible, so the
+    next code itself is never pointed at.
     """
 
-    def __init__(self, hidden_dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden_dim: int, *, dtype: jnp.dtype, causal: bool = False, rngs: nnx.Rngs):
+        self.causal = causal
         self.query = nnx.Linear(hidden_dim, hidden_dim, dtype=dtype, rngs=rngs)
         self.key = nnx.Linear(hidden_dim, hidden_dim, use_bias=False, dtype=dtype, rngs=rngs)
         self.gate = nnx.Linear(hidden_dim, 1, dtype=dtype, rngs=rngs)
@@ -46,6 +49,8 @@ class CopyHead(nnx.Module):
         scores = scores / jnp.sqrt(jnp.float32(h.shape[-1]))
         own = jnp.take_along_axis(segment_ids, positions, axis=1)
         visible = (segment_ids[:, None, :] == own[:, :, None]) & (codes >= NUM_SPECIAL)[:, None, :]
+        if self.causal:
+            visible &= jnp.arange(codes.shape[1])[None, None, :] <= positions[:, :, None]
         # A finite fill keeps rows with nothing visible (empty rows, padding slots) free of NaN gradients.
         weights = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
         weights = jnp.where(visible, weights, 0.0)
@@ -77,7 +82,8 @@ class MlmHead(nnx.Module):
     code table leaves the decoder trainable. Tied (`model.tie_mlm`): `dense` maps hidden -> embed_dim and
     the logits are `h @ code_table.T + bias`; the decoder weight is then the `embeddings` partition's code
     table (frozen with it) and only `bias` belongs to the head. With `copy` (`model.mlm_copy`) a `CopyHead`
-    mixes a pointer to the patient's own visible codes into the prediction (`Behrt.mlm_logits` applies it).
+    mixes a pointer to the patient's own visible codes into the prediction (`Behrt.mlm_logits` applies it);
+    `causal`: to the codes at or before the position only (next-code prediction).
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class MlmHead(nnx.Module):
         *,
         tied: bool,
         copy: bool = False,
+        causal: bool = False,
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
@@ -104,7 +111,7 @@ class MlmHead(nnx.Module):
         else:
             self.decoder = nnx.Linear(hidden_dim, vocab_size, dtype=dtype, rngs=rngs)
             self.bias = nnx.data(None)
-        self.copy = CopyHead(hidden_dim, dtype=dtype, rngs=rngs) if copy else nnx.data(None)
+        self.copy = CopyHead(hidden_dim, dtype=dtype, causal=causal, rngs=rngs) if copy else nnx.data(None)
 
     def __call__(self, h: jax.Array, code_embed: nnx.Embed | None = None) -> jax.Array:
         h = self.norm(jax.nn.gelu(self.dense(h), approximate=False))

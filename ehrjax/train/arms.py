@@ -3,10 +3,11 @@
 An arm names a code-table source, an encoder source, the trainable partitions and LoRA settings. A user adds an
 arm with config alone, e.g. `--config.arms.my_arm=...` in a config file. Sources:
 
-- code table: `random` (the model's init), `mlm` (the table learned by MLM pre-training), `med2vec` (the
-  Med2Vec table, frozen), or a path to an embedding file (any format `ehrjax.embeddings.io` reads);
-- encoder: `random`, `mlm` (the MLM pre-trained encoder) or `med2vec_mlm` (the encoder pre-trained by MLM on
-  top of the frozen Med2Vec table).
+- code table: `random` (the model's init), `mlm` / `clm` (the table learned by MLM / next-code pre-training),
+  `med2vec` (the Med2Vec table, frozen), or a path to an embedding file (any format `ehrjax.embeddings.io` reads);
+- encoder: `random`, `mlm` (the MLM pre-trained encoder), `med2vec_mlm` (the encoder pre-trained by MLM on
+  top of the frozen Med2Vec table) or `clm` (the encoder of next-code pre-training, `task=clm`; it trained with
+  causal attention and is fine-tuned bidirectionally, like every encoder).
 
 `kind` is `neural` for the arms above; `logreg` (bag-of-codes logistic regression) and `oracle` (the
 generator's true risk) are reference arms without a model.
@@ -24,8 +25,10 @@ from ehrjax.train.optimizer import PARTITIONS
 
 KINDS: tuple[str, ...] = ("neural", "logreg", "trees", "oracle")
 CEILINGS: tuple[str, ...] = ("true", "visible")
-TABLE_SOURCES: tuple[str, ...] = ("random", "mlm", "med2vec")
-ENCODER_SOURCES: tuple[str, ...] = ("random", "mlm", "med2vec_mlm")
+TABLE_SOURCES: tuple[str, ...] = ("random", "mlm", "clm", "med2vec")
+ENCODER_SOURCES: tuple[str, ...] = ("random", "mlm", "med2vec_mlm", "clm")
+# The task of the pre-training run behind each pre-trained source (med2vec_mlm: MLM on the frozen Med2Vec table).
+SOURCE_TASKS: dict[str, str] = {"mlm": "mlm", "med2vec_mlm": "mlm", "clm": "clm"}
 EVERYTHING: tuple[str, ...] = ("code_table", "embeddings", "encoder", "head")
 
 
@@ -45,10 +48,15 @@ class Arm:
 
     @property
     def pretrained_run(self) -> str | None:
-        """Which pre-training the arm's weights come from: `mlm`, `med2vec_mlm` or None."""
+        """Which pre-training the arm's weights come from: `mlm`, `med2vec_mlm`, `clm` or None."""
         if self.encoder != "random":
             return self.encoder
         return None
+
+    @property
+    def init_task(self) -> str | None:
+        """The task of the pre-training run (`init_from`) the arm starts from: `mlm`, `clm` or None."""
+        return SOURCE_TASKS.get(self.encoder if self.encoder != "random" else self.code_table)
 
     @property
     def table_from_file(self) -> bool:
@@ -105,6 +113,11 @@ def default_arms() -> ml_collections.ConfigDict:
                           lora=True, lr_grid=LORA_LRS)  # fmt: skip
     a.mlm_full = _arm("mlm_full", "neural", "MLM pre-trained table and encoder, everything fine-tuned",
                       code_table="mlm", encoder="mlm", lr_grid=FULL_FINETUNE_LRS)  # fmt: skip
+    a.clm_lora = _arm("clm_lora", "neural", "next-code (CLM) learned table and CLM encoder frozen; LoRA adapters + "
+                      "head", code_table="clm", encoder="clm", trainable=("lora", "head"), lora=True,
+                      lr_grid=LORA_LRS)  # fmt: skip
+    a.clm_full = _arm("clm_full", "neural", "next-code (CLM) pre-trained table and encoder, everything fine-tuned",
+                      code_table="clm", encoder="clm", lr_grid=FULL_FINETUNE_LRS)  # fmt: skip
     a.oracle = _arm("oracle", "oracle", "the generator's true risk, hidden frailty included (no model is expected "
                     "to reach it)")  # fmt: skip
     a.oracle_visible = _arm("oracle_visible", "oracle", "the risk given what the record shows (the frailty "
@@ -131,6 +144,9 @@ def arm_from_config(name: str, arms: ml_collections.ConfigDict) -> Arm:
         raise ValueError(f"{key}.code_table is empty; expected one of {TABLE_SOURCES} or an embedding file path")
     if c.code_table not in TABLE_SOURCES and not Path(c.code_table).exists():
         raise ValueError(f"{key}.code_table {c.code_table!r}: no such file; expected one of {TABLE_SOURCES} or a file")
+    if len({SOURCE_TASKS[s] for s in (c.code_table, c.encoder) if s in SOURCE_TASKS}) > 1:
+        raise ValueError(f"{key}: code_table {c.code_table!r} and encoder {c.encoder!r} come from two pre-training "
+                         "tasks; an arm starts from one")  # fmt: skip
     trainable = tuple(c.trainable)
     unknown = sorted(set(trainable) - set(PARTITIONS))
     if unknown:

@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ehrjax.data.batching import DeviceBatcher
+from ehrjax.data.tasks import PRETRAIN_TASKS
 from ehrjax.eval.metrics import binary_metrics, histogram_metrics, multilabel_metrics
 from ehrjax.train.checkpoint import RunCheckpoints
 from ehrjax.train.optimizer import param_labels
 from ehrjax.train.rundir import RunLog
 from ehrjax.train.trainer import Trainer, stacked_where, unstack
 
-DEFAULT_METRIC = {"mlm": "loss", "outcome": "auroc", "next_visit": "aps"}
+DEFAULT_METRIC = {"mlm": "loss", "clm": "loss", "outcome": "auroc", "next_visit": "aps"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,7 +88,7 @@ def evaluate(
                             trainer.metric_codes))  # fmt: skip
     outputs = jax.device_get(outputs)
     loss = sum(o["loss_sum"] for o in outputs) / np.maximum(sum(o["weight"] for o in outputs), 1.0)  # [S]
-    if trainer.task == "mlm":
+    if trainer.task in PRETRAIN_TASKS:
         weight = np.maximum(sum(o["weight"] for o in outputs), 1.0)
         pos, neg = sum(o["hist_pos"] for o in outputs), sum(o["hist_neg"] for o in outputs)
         metrics = []
@@ -203,8 +204,9 @@ def fit(
                       "grad_norm": _seedwise(totals["grad_norm"] / len(sums)), "lr": _seedwise(sums[-1]["lr"]),
                       "real_tokens_per_s": float(totals["real_tokens"].sum() / elapsed),
                       "wall_s": time.perf_counter() - start}  # fmt: skip
-            if trainer.task == "mlm":
+            if trainer.task in PRETRAIN_TASKS:
                 record["top1"] = _seedwise(totals["correct"] / np.maximum(totals["weight"], 1.0))
+            if trainer.task == "mlm":
                 record["mlm_overflow"] = _seedwise(totals["overflow"])
             log.log(record)
             log.advance(len(sums), {"loss": f"{np.mean(record['loss']):.4f}"})

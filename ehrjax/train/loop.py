@@ -20,10 +20,10 @@ import ml_collections
 import numpy as np
 
 from ehrjax.data.cohort import Cohort
-from ehrjax.data.tasks import TASKS, TaskData, build_task_data, check_evaluable
+from ehrjax.data.tasks import PRETRAIN_TASKS, TASKS, TaskData, build_task_data, check_evaluable
 from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, validate_embedding_file, vocab_token_counts
-from ehrjax.eval.baselines import format_table, run_mlm_baselines
+from ehrjax.eval.baselines import format_table, run_baselines
 from ehrjax.models.behrt import CODE_TABLE_PATH
 from ehrjax.multihost import sync
 from ehrjax.train.arms import EVERYTHING, Arm, arm_from_config, arm_lora_config
@@ -48,6 +48,7 @@ __all__ = ["RunResult", "TrainingDiverged", "build_run_trainer", "make_mesh", "t
 # The validation metrics `train.metric` may name per task ('loss' is minimised, the others maximised).
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "mlm": ("loss", "top1", "top10", "macro_auroc", "macro_ap", "macro_pr_auc"),
+    "clm": ("loss", "top1", "top10", "macro_auroc", "macro_ap", "macro_pr_auc"),
     "outcome": ("auroc", "ap", "pr_auc", "loss"),
     "next_visit": ("aps", "auroc", "loss"),
 }
@@ -83,13 +84,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """One-line errors for run-level settings (the model, batching and optimiser check their own)."""
     if config.task not in TASKS:
         raise ValueError(f"task {config.task!r} unknown; expected one of {TASKS}")
-    if config.task != "mlm":
+    if config.task not in PRETRAIN_TASKS:
         arm = arm_from_config(config.arm, config.arms)
         if arm.kind != "neural":
             raise ValueError(f"arm {config.arm!r} is a {arm.kind} arm; python -m ehrjax.train trains neural arms")
-        if arm.pretrained_run or arm.code_table == "mlm":
-            if not config.init_from:
-                raise ValueError(f"arm {config.arm!r} starts from a pre-trained model: set init_from to an MLM run")
+        if arm.init_task is not None and not config.init_from:
+            raise ValueError(f"arm {config.arm!r} starts from a pre-trained model: set init_from to a run of task "
+                             f"{arm.init_task}")  # fmt: skip
         if arm.code_table == "med2vec" and not config.embeddings_from:
             raise ValueError(f"arm {config.arm!r} uses a Med2Vec table: set embeddings_from to its file")
     validate_cohort_sizes(config)
@@ -106,7 +107,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                          f"expected one of {', '.join(TASK_METRICS[config.task])} (or '' for the default)")  # fmt: skip
     validate_settings(config)
     if config.init_from:
-        check_run_folder(config.init_from, label="init_from", task="mlm")
+        check_run_folder(config.init_from, label="init_from", task=init_task(config))
     table_path = _table_path(config)
     if table_path:
         _check_embedding_file(table_path, config)
@@ -117,7 +118,7 @@ def validate_settings(config: ml_collections.ConfigDict) -> None:
     from ehrjax.models.behrt import validate_lora_dims, validate_model_config
 
     validate_model_config(config.model)
-    if config.task != "mlm":  # adapters only where the arm has them
+    if config.task not in PRETRAIN_TASKS:  # adapters only where the arm has them
         lora_cfg = arm_lora_config(arm_from_config(config.arm, config.arms), config.lora)
         if lora_cfg is not None:
             validate_lora_dims(lora_cfg, config.model)
@@ -152,10 +153,18 @@ def _table_path(config: ml_collections.ConfigDict) -> str:
     """The embedding file a run imports as its frozen code table ('' for none)."""
     if config.embeddings_from:
         return config.embeddings_from
-    if config.task != "mlm":
+    if config.task not in PRETRAIN_TASKS:
         arm = arm_from_config(config.arm, config.arms)
         return arm.code_table if arm.table_from_file else ""
     return ""
+
+
+def init_task(config: ml_collections.ConfigDict) -> str:
+    """The task `init_from` must have trained: a pre-training run's own task (it reuses that run's vocabulary),
+    the arm's pre-training for fine-tuning (MLM for an arm that starts from none)."""
+    if config.task in PRETRAIN_TASKS:
+        return config.task
+    return arm_from_config(config.arm, config.arms).init_task or "mlm"
 
 
 _CHECKED_FILES: dict[tuple, tuple[int, int]] = {}
@@ -207,7 +216,7 @@ def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh | None:
 
 
 def _run_dir(config: ml_collections.ConfigDict) -> Path:
-    who = "mlm" if config.task == "mlm" else f"{config.task}-{config.arm}"
+    who = config.task if config.task in PRETRAIN_TASKS else f"{config.task}-{config.arm}"
     return run_directory(config, f"{config.name}-{who}")
 
 
@@ -248,7 +257,7 @@ def build_run_trainer(
     `cohort`: the config's cohort for the task, when the caller already holds it."""
     validate_config(config)
     task = config.task
-    run = load_pretrained_run(config.init_from, label="init_from", task="mlm") if config.init_from else None
+    run = load_pretrained_run(config.init_from, label="init_from", task=init_task(config)) if config.init_from else None
     if run is not None:
         diffs = config_mismatch(run.config, config_to_dict(config), ("model",))
         if diffs:
@@ -257,14 +266,14 @@ def build_run_trainer(
         vocab = vocab or run.vocab
     data = build_task_data(config, task, vocab=vocab, cohort=cohort)
     check_evaluable(data)
-    arm = Arm("mlm", trainable=EVERYTHING) if task == "mlm" else arm_from_config(config.arm, config.arms)
+    arm = Arm(task, trainable=EVERYTHING) if task in PRETRAIN_TASKS else arm_from_config(config.arm, config.arms)
     table_path = _table_path(config)
     code_table = coverage = None
     trainable = arm.trainable
     if table_path:  # an imported table stays frozen
         code_table, coverage = _code_table(table_path, data, config)
         trainable = tuple(p for p in trainable if p != "code_table")
-    elif arm.code_table == "mlm" and run is not None and not arm.pretrained_run:
+    elif arm.code_table in PRETRAIN_TASKS and run is not None and not arm.pretrained_run:
         code_table = pretrained_table(run)  # the learned table alone (a pre-trained encoder carries its own)
     pretrained = run.params if (run is not None and arm.pretrained_run) else None
     trainer = build_trainer(
@@ -332,7 +341,7 @@ def _train(config: ml_collections.ConfigDict, trainer: Trainer, coverage: Any, w
     log = RunLog(workdir / "metrics.jsonl", resume_step=resume_step, tensorboard=config.train.tensorboard)
     batcher = trainer.train_batchers[0]
     if resume_step is None:
-        log.log({"event": "start", "step": 0, "task": task, "arm": "mlm" if task == "mlm" else config.arm,
+        log.log({"event": "start", "step": 0, "task": task, "arm": task if task in PRETRAIN_TASKS else config.arm,
                  "data": data.summary(), "params": trainer.report.as_dict(),
                  "loaded": {k: len(v) for k, v in (trainer.loaded or {}).items()},
                  "batching": {"mode": batcher.mode, "efficiency": batcher.efficiency,
@@ -347,7 +356,7 @@ def _train(config: ml_collections.ConfigDict, trainer: Trainer, coverage: Any, w
     finally:
         log.close()
         checkpoints.close()
-    return finish_run(trainer, result, workdir, log, config.arm if task != "mlm" else "mlm", start_time)
+    return finish_run(trainer, result, workdir, log, task if task in PRETRAIN_TASKS else config.arm, start_time)
 
 
 def finish_run(
@@ -361,14 +370,14 @@ def finish_run(
     log.log({"event": "eval", "split": "test", "step": result.steps[seed_index],
              "epoch": result.best_epoch[seed_index], **test[seed_index],
              "wall_s": time.perf_counter() - start_time})  # fmt: skip
-    if task == "mlm":
-        baselines = mlm_baselines_of(trainer)
+    if task in PRETRAIN_TASKS:
+        baselines = baselines_of(trainer)
         log.log({"event": "baselines", "split": "test", "step": result.steps[seed_index], **baselines})
         test[seed_index]["baselines"] = baselines
         print(format_table({"model": test[seed_index], **baselines}))
     params = unstack(best, seed_index)
     if is_writer():
-        if task != "mlm":
+        if task not in PRETRAIN_TASKS:
             arrays = run_predictions(data, {"val": val_pred, "test": predictions}, seed_index)
             write_npz(workdir / "predictions.npz", arrays)
         export_dir = workdir / "export"
@@ -386,11 +395,12 @@ def finish_run(
     )  # fmt: skip
 
 
-def mlm_baselines_of(trainer: Trainer) -> dict[str, dict[str, float]]:
-    """The unigram and copy-mixture baselines on exactly the held-out slots the trainer's MLM evaluation scores
-    (λ fitted on its validation patients, scored on its test patients)."""
-    return run_mlm_baselines(trainer.data, trainer.data_cfg, seed=trainer.seeds[0],
-                             max_val_patients=len(trainer.val_batcher.patients))  # fmt: skip
+def baselines_of(trainer: Trainer) -> dict[str, dict[str, float]]:
+    """The baselines on exactly the held-out targets the trainer's pre-training evaluation scores (MLM: unigram
+    and copy mixture, λ fitted on its validation patients; CLM: unigram and bigram, k fitted there), scored on
+    its test patients."""
+    return run_baselines(trainer.data, trainer.data_cfg, seed=trainer.seeds[0],
+                         max_val_patients=len(trainer.val_batcher.patients))  # fmt: skip
 
 
 def run_predictions(

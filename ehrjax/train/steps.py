@@ -13,8 +13,9 @@ their weight-gradient matmuls), and the clipped norm, the logged `grad_norm` and
 trainable leaves only. The learning rate comes from the state's schedule arrays, so runs of any length share
 one compiled step.
 
-Losses are means over the real targets of the whole (global) batch: masked codes for `mlm`, filled patient
-slots for `outcome` and `next_visit` (binary cross-entropy per label). Steps return sums (loss x weight,
+Losses are means over the real targets of the whole (global) batch: masked codes for `mlm`, next codes for
+`clm` (every position whose next token is a clinical code of the same patient), filled patient slots for
+`outcome` and `next_visit` (binary cross-entropy per label). Steps return sums (loss x weight,
 weight, correct, ...) so that metrics aggregate exactly over any number of steps and devices.
 A step whose loss or gradient norm is not finite leaves that seed's state unchanged and reports `nonfinite = 1`.
 """
@@ -34,6 +35,8 @@ from jax.sharding import PartitionSpec as P
 
 from ehrjax.data.batching import DeviceCorpus, gather_batch
 from ehrjax.data.masking import mask_tokens, num_mlm_slots
+from ehrjax.data.tasks import PRETRAIN_TASKS
+from ehrjax.data.vocab import NUM_SPECIAL
 from ehrjax.models.behrt import INPUT_KEYS
 from ehrjax.train.optimizer import scheduled_lr
 
@@ -46,8 +49,8 @@ HIST_RANGE = (-30.0, 0.0)  # log-probability range of the MLM per-code score his
 class StepConfig:
     """What the step functions need besides the model: the task, its static sizes and the schedule kind."""
 
-    task: str  # 'mlm' | 'outcome' | 'next_visit'
-    code_end: int  # the MLM targets are the clinical codes, ids NUM_SPECIAL..code_end-1 (`Vocab.code_end`)
+    task: str  # 'mlm' | 'clm' | 'outcome' | 'next_visit'
+    code_end: int  # MLM / CLM targets are the clinical codes, ids NUM_SPECIAL..code_end-1 (`Vocab.code_end`)
     mask_prob: float = 0.15
     mlm_slot_factor: float = 1.5  # masked-position slots per row = factor x mask_prob x row length
     schedule: str = "cosine"  # 'cosine' | 'constant'
@@ -64,13 +67,33 @@ def mlm_targets(key: jax.Array, batch: dict, cfg: StepConfig) -> dict[str, jax.A
     return {"masked_codes": masked, "positions": positions, "labels": labels, "weights": weights, "overflow": overflow}
 
 
+def clm_targets(batch: dict, cfg: StepConfig) -> dict[str, jax.Array]:
+    """Next-code targets of one batch: position i is scored when the token at i + 1 is a clinical code of the same
+    patient (not a special or time token, not the next patient's, not padding), and its label is that code.
+    `masked_codes` int32[B, L] (the input, unchanged), `positions`, `labels` int32[B, L], `weights` f32[B, L],
+    `overflow` int32[] (0: every target has a slot)."""
+    codes, segments = batch["codes"], batch["segment_ids"]
+    following = jnp.pad(codes[:, 1:], ((0, 0), (0, 1)))
+    same = (segments > 0) & (jnp.pad(segments[:, 1:], ((0, 0), (0, 1))) == segments)
+    scored = same & (following >= NUM_SPECIAL) & (following < cfg.code_end)
+    positions = jnp.broadcast_to(jnp.arange(codes.shape[1], dtype=jnp.int32), codes.shape)
+    return {"masked_codes": codes, "positions": positions, "labels": jnp.where(scored, following, 0),
+            "weights": scored.astype(jnp.float32), "overflow": jnp.zeros((), jnp.int32)}  # fmt: skip
+
+
+def code_targets(key: jax.Array, batch: dict, cfg: StepConfig) -> dict[str, jax.Array]:
+    """The code-prediction targets of a pre-training task: `mlm_targets` (masks drawn from `key`) or
+    `clm_targets` (no randomness)."""
+    return clm_targets(batch, cfg) if cfg.task == "clm" else mlm_targets(key, batch, cfg)
+
+
 def eval_mask_key(index: jax.Array) -> jax.Array:
     """The MLM evaluation mask key of evaluation batch `index` (the same at every evaluation and for every seed)."""
     return jax.random.fold_in(jax.random.key(EVAL_MASK_SEED), index)
 
 
-def _mlm_outputs(model: nnx.Module, batch: dict, key: jax.Array, cfg: StepConfig, train_key: jax.Array | None):
-    targets = mlm_targets(key, batch, cfg)
+def _code_outputs(model: nnx.Module, batch: dict, key: jax.Array, cfg: StepConfig, train_key: jax.Array | None):
+    targets = code_targets(key, batch, cfg)
     inputs = dict(batch, codes=targets["masked_codes"])
     hidden = model.encode(*(inputs[k] for k in INPUT_KEYS), deterministic=train_key is None, rngs=train_key)
     # The copy head (model.mlm_copy) reads the masked input, never the targets.
@@ -124,8 +147,8 @@ def make_train_step(
         params = jax.tree.unflatten(treedef, _interleave(trainable, frozen, trainable_mask))
         model = nnx.merge(graphdef, params, rest)
         k_mask, k_dropout = jax.random.split(key)
-        if cfg.task == "mlm":
-            sums = _mlm_outputs(model, batch, k_mask, cfg, k_dropout)[0]
+        if cfg.task in PRETRAIN_TASKS:
+            sums = _code_outputs(model, batch, k_mask, cfg, k_dropout)[0]
         else:
             sums = _classify_outputs(model, batch, cfg, k_dropout)[0]
         return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
@@ -164,8 +187,8 @@ def make_eval_step(
 
     Deterministic (no dropout; fixed MLM masks per batch index). params: stacked over S seeds; patient_index,
     cls_index: int32[rows, slots], the same evaluation batch for every seed.
-    mlm: reduced sums (loss, top-1, top-10) plus per-code score histograms `hist_pos`, `hist_neg`
-    f32[S, K, hist_bins] of the log-probabilities of `metric_codes` int32[K] at the masked slots whose label
+    mlm / clm: reduced sums (loss, top-1, top-10) plus per-code score histograms `hist_pos`, `hist_neg`
+    f32[S, K, hist_bins] of the log-probabilities of `metric_codes` int32[K] at the scored slots whose label
     is / is not that code (the sufficient statistics of macro one-vs-rest AUROC / AP): nothing of vocabulary
     size leaves the device. outcome / next_visit: `logits` f32[S, rows, slots, C] and `patient_index`
     int32[rows, slots] (-1 for empty slots).
@@ -174,8 +197,8 @@ def make_eval_step(
 
     def one_seed(params: nnx.State, batch: dict, index: jax.Array, metric_codes: jax.Array):
         model = nnx.merge(graphdef, params, rest)
-        if cfg.task == "mlm":
-            sums, logits, labels, weights = _mlm_outputs(model, batch, eval_mask_key(index), cfg, None)
+        if cfg.task in PRETRAIN_TASKS:
+            sums, logits, labels, weights = _code_outputs(model, batch, eval_mask_key(index), cfg, None)
             scores = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[..., metric_codes]  # [B, M, K]
             bins = jnp.clip(((scores - lo) / (hi - lo) * cfg.hist_bins).astype(jnp.int32), 0, cfg.hist_bins - 1)
             is_code = labels[..., None] == metric_codes
@@ -192,7 +215,7 @@ def make_eval_step(
                   metric_codes: jax.Array):  # fmt: skip
         batch = gather_batch(corpus, patient, cls, row_len, mesh)
         out = jax.vmap(one_seed, in_axes=(0, None, None, None))(params, batch, index, metric_codes)
-        if cfg.task != "mlm":
+        if cfg.task not in PRETRAIN_TASKS:
             out["patient_index"] = batch["patient_index"]
         return out
 
@@ -203,12 +226,12 @@ def make_eval_step(
 
 
 def make_mlm_targets_step(cfg: StepConfig, row_len: int, mesh: Mesh | None = None) -> Callable[..., dict]:
-    """targets(corpus, patient_index, cls_index, index) -> the masked evaluation batch exactly as the MLM
-    evaluation scores it (`mlm_targets` plus `segment_ids`), for the trivial baselines."""
+    """targets(corpus, patient_index, cls_index, index) -> the evaluation batch's targets exactly as the MLM / CLM
+    evaluation scores them (`code_targets` plus `segment_ids`), for the trivial baselines."""
 
     def targets(corpus: DeviceCorpus, patient: jax.Array, cls: jax.Array, index: jax.Array) -> dict:
         batch = gather_batch(corpus, patient, cls, row_len, mesh)
-        return dict(mlm_targets(eval_mask_key(index), batch, cfg), segment_ids=batch["segment_ids"])
+        return dict(code_targets(eval_mask_key(index), batch, cfg), segment_ids=batch["segment_ids"])
 
     return jax.jit(targets)
 

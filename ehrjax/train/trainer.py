@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ehrjax.data.batching import DeviceBatcher, DeviceCorpus, to_device
-from ehrjax.data.tasks import TaskData
+from ehrjax.data.tasks import PRETRAIN_TASKS, TaskData
 from ehrjax.embeddings.io import set_code_table
 from ehrjax.models.behrt import Behrt, load_pretrained
 from ehrjax.multihost import put_global
@@ -249,8 +249,8 @@ def init_seed_params(
     """One seed's model: initial draw from `seed`'s init stream (`ehrjax.train.streams`), then the pre-trained
     weights, then the imported table."""
     model = Behrt(
-        model_cfg, len(data.vocab), num_labels=data.num_labels, lora_cfg=lora_cfg, mlm_head=data.task == "mlm",
-        rngs=init_rngs(seed),
+        model_cfg, len(data.vocab), num_labels=data.num_labels, lora_cfg=lora_cfg,
+        mlm_head=data.task in PRETRAIN_TASKS, causal=data.task == "clm", rngs=init_rngs(seed),
     )  # fmt: skip
     loaded = load_pretrained(model, pretrained) if pretrained is not None else None
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

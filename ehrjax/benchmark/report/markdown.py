@@ -105,11 +105,16 @@ def _pretraining(summary: dict[str, Any], plots: dict[str, str]) -> list[str]:
                      seconds(p.get("wall_s"))])  # fmt: skip
         for base, b in (p.get("baselines") or {}).items():
             lam = f", λ = {f(b['lambda'], 2)}" if b.get("lambda") is not None else ""
+            lam += f", k = {f(b['k'], 2)}" if b.get("k") is not None else ""
             rows.append([f"&nbsp;&nbsp;{base} baseline{lam}", *(f(b.get(k), 4) for k in keys), "0", "0.0"])
-    lines = ["## MLM pre-training", "",
+    clm = ""
+    if "clm" in summary["pretraining"]:
+        clm = (" The clm run predicts each next code (causal attention) on its own targets, against the unigram "
+               "and the bigram baseline (the code given the token before it, add-k smoothed with the unigram).")
+    lines = ["## MLM pre-training" if not clm else "## MLM and CLM pre-training", "",
              "Masked-code prediction on the pre-training cohort's test split, against the unigram baseline (every "
              "masked code predicted by its frequency) and the copy baseline (the codes already in the record mixed "
-             "in with weight λ); baselines take no steps.", "",
+             f"in with weight λ); baselines take no steps.{clm}", "",
              md_table(["pre-training (test split)", "loss", "top-1", "top-10", "macro AUROC", "macro AP",
                        "macro PR-AUC", "steps", "wall s"], rows), ""]  # fmt: skip
     if "mlm_curves" in plots:

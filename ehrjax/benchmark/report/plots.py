@@ -124,7 +124,7 @@ def plot_mlm_curves(pretraining: dict[str, Any], path: Path) -> None:
         colours[name] = line.get_color()
         if train:
             ax.plot(*np.array(train).T, color=colours[name], alpha=0.35, linewidth=0.8, label=f"{name}, train")
-    for base, style in (("unigram", "--"), ("copy", ":")):
+    for base, style in (("unigram", "--"), ("copy", ":"), ("bigram", "-.")):
         losses = {name: ((p.get("baselines") or {}).get(base) or {}).get("loss") for name, p in pretraining.items()}
         losses = {name: loss for name, loss in losses.items() if loss is not None}
         if len(set(losses.values())) == 1 and len(losses) == len(pretraining):  # one test split: draw it once
