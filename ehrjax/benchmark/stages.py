@@ -466,11 +466,17 @@ def auroc_half_width(auroc: float, positives: int, negatives: int) -> float:
     return float(1.96 * np.sqrt(var / (positives * negatives)))
 
 
+# `train` settings that say how a job runs, not what it computes: a resume may change them (another cache
+# folder, another process count or coordinator; every process of a job has its own process_id).
+JOB_KEYS = ("compilation_cache", "distributed", "coordinator_address", "num_processes", "process_id",
+            "heartbeat_timeout_s")  # fmt: skip
+
+
 def _check_same_config(manifest: Manifest, config: ml_collections.ConfigDict) -> None:
     if not manifest.path.is_file():
         raise ValueError(f"resume {manifest.path.parent}: no manifest.json; not a benchmark directory")
-    def comparable(cfg: dict[str, Any]) -> dict[str, Any]:  # where the compiled programs are cached is not the study
-        return dict(cfg, train={k: v for k, v in cfg.get("train", {}).items() if k != "compilation_cache"})
+    def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
+        return dict(cfg, train={k: v for k, v in cfg.get("train", {}).items() if k not in JOB_KEYS})
 
     saved = comparable(json.loads(manifest.path.read_text())["config"])
     current = comparable(config_to_dict(config))
