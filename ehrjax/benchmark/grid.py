@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from ehrjax.data.batching import DeviceCorpus
 from ehrjax.data.tasks import TaskData
@@ -33,22 +32,9 @@ from ehrjax.eval.logreg import bag_of_codes_features, fit_logreg
 from ehrjax.eval.trees import fit_trees, frequent_codes, tabular_features
 from ehrjax.train.arms import Arm
 from ehrjax.train.fit import evaluate, fit
+from ehrjax.train.resolve import ArmInputs
 from ehrjax.train.rundir import RunLog, predictions_arrays, write_npz
 from ehrjax.train.trainer import ProgramCache, build_trainer
-
-
-@dataclasses.dataclass(frozen=True)
-class ArmInputs:
-    """What a neural arm starts from, resolved from its sources: the model config (its embed_dim may differ
-    for an imported table), pre-trained parameters (or None), a code table (or None) and what trains."""
-
-    arm: Arm
-    model_cfg: ml_collections.ConfigDict
-    pretrained: nnx.State | None
-    code_table: np.ndarray | None
-    trainable: tuple[str, ...]
-    lora_cfg: ml_collections.ConfigDict | None
-
 
 SUBSET_SEED = 7919  # labelled subsets: replicate r draws permutation([SUBSET_SEED, r]) of the training pool
 

@@ -29,7 +29,6 @@ from tqdm.auto import tqdm
 
 from ehrjax.atomic import read_json, write_json
 from ehrjax.benchmark.grid import (
-    ArmInputs,
     CellData,
     assign_cells,
     cell_cost,
@@ -46,9 +45,10 @@ from ehrjax.data.vocab import Vocab
 from ehrjax.embeddings.io import load_code_table, validate_embedding_file, vocab_token_counts
 from ehrjax.embeddings.med2vec import save_med2vec, train_med2vec
 from ehrjax.multihost import is_writer, sync
-from ehrjax.train.arms import Arm, arm_from_config, arm_lora_config
+from ehrjax.train.arms import Arm, arm_from_config
 from ehrjax.train.loop import config_to_dict, pretrained_table, train, validate_cohort_sizes
 from ehrjax.train.pretrained import PretrainedRun, load_pretrained_run
+from ehrjax.train.resolve import ArmInputs, resolve_arm
 from ehrjax.train.rundir import read_jsonl
 from ehrjax.train.trainer import ProgramCache
 
@@ -252,20 +252,11 @@ class Benchmark:
 
     # fine-tuning ---------------------------------------------------------------------------------------------
     def _arm_inputs(self, arm: Arm) -> ArmInputs:
-        c = self.config
-        model_cfg = c.model
-        pretrained = table = None
-        if arm.encoder != "random":  # the pre-trained run carries its table (learned, or frozen Med2Vec)
-            run = self.runs[arm.encoder]
-            pretrained, model_cfg = run.params, run.model_cfg
-        elif arm.code_table == "med2vec" or arm.table_from_file:
-            table = self._import(self.med2vec_path if arm.code_table == "med2vec" else arm.code_table)[0]
-            if table.shape[1] != c.model.embed_dim:  # the table's width; the projection maps it to hidden_dim
-                model_cfg = stage_config(c, **{"model.embed_dim": int(table.shape[1])}).model
-        elif arm.code_table in ("mlm", "clm"):
-            table = pretrained_table(self.runs[arm.code_table])
-        return ArmInputs(arm=arm, model_cfg=model_cfg, pretrained=pretrained, code_table=table,
-                         trainable=arm.trainable, lora_cfg=arm_lora_config(arm, c.lora))  # fmt: skip
+        def import_table(source: str) -> np.ndarray:
+            return self._import(self.med2vec_path if source == "med2vec" else source)[0]
+
+        return resolve_arm(arm, model_cfg=self.config.model, lora_cfg=self.config.lora, runs=self.runs,
+                           learned_table=pretrained_table, import_table=import_table)  # fmt: skip
 
     def task_cell(self, task: str) -> CellData:
         """The task's data on the fine-tuning cohort, with the pre-training vocabulary, and its ceilings."""

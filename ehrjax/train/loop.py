@@ -31,6 +31,7 @@ from ehrjax.train.checkpoint import RunCheckpoints, check_writable, config_misma
 from ehrjax.train.export import export_adapters, export_code_table, export_model, flat_arrays
 from ehrjax.train.fit import DEFAULT_METRIC, FitResult, TrainingDiverged, evaluate, fit
 from ehrjax.train.pretrained import PretrainedRun, check_run_folder, load_pretrained_run
+from ehrjax.train.resolve import imports_table, resolve_arm
 from ehrjax.train.rundir import (
     FolderLock,
     RunLog,
@@ -91,6 +92,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if arm.init_task is not None and not config.init_from:
             raise ValueError(f"arm {config.arm!r} starts from a pre-trained model: set init_from to a run of task "
                              f"{arm.init_task}")  # fmt: skip
+        if config.embeddings_from and arm.pretrained_run:
+            raise ValueError(f"embeddings_from: arm {config.arm!r} starts from a pre-trained encoder, which brings "
+                             "its own code table; choose an arm with a random encoder")  # fmt: skip
         if arm.code_table == "med2vec" and not config.embeddings_from:
             raise ValueError(f"arm {config.arm!r} uses a Med2Vec table: set embeddings_from to its file")
     validate_cohort_sizes(config)
@@ -149,14 +153,33 @@ def validate_settings(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"data.{key} must be > 0, got {d[key]!r}")
 
 
+def run_arm(config: ml_collections.ConfigDict) -> Arm:
+    """The arm a stand-alone run trains: for pre-training everything, from `embeddings_from` if set; for
+    fine-tuning the config's arm, whose table source `embeddings_from` replaces if set."""
+    if config.task in PRETRAIN_TASKS:
+        return Arm(config.task, code_table=config.embeddings_from or "random", trainable=EVERYTHING)
+    arm = arm_from_config(config.arm, config.arms)
+    return dataclasses.replace(arm, code_table=config.embeddings_from) if config.embeddings_from else arm
+
+
 def _table_path(config: ml_collections.ConfigDict) -> str:
     """The embedding file a run imports as its frozen code table ('' for none)."""
-    if config.embeddings_from:
-        return config.embeddings_from
-    if config.task not in PRETRAIN_TASKS:
-        arm = arm_from_config(config.arm, config.arms)
-        return arm.code_table if arm.table_from_file else ""
-    return ""
+    arm = run_arm(config)
+    return arm.code_table if imports_table(arm) and arm.table_from_file else ""
+
+
+def run_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the model a run builds: `model.embed_dim` is an imported table's width (`resolve_arm`'s
+    rule), so the run's config.json describes its checkpoint."""
+    path = _table_path(config)
+    if not path:
+        return config
+    width = _check_embedding_file(path, config)[1]
+    if width == config.model.embed_dim:
+        return config
+    out = config.copy_and_resolve_references()
+    out.model.embed_dim = width
+    return out
 
 
 def init_task(config: ml_collections.ConfigDict) -> str:
@@ -170,21 +193,23 @@ def init_task(config: ml_collections.ConfigDict) -> str:
 _CHECKED_FILES: dict[tuple, tuple[int, int]] = {}
 
 
-def _check_embedding_file(path: str, config: ml_collections.ConfigDict) -> None:
-    """`validate_embedding_file` once per file version (validate_config runs more than once per run)."""
+def _check_embedding_file(path: str, config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """`validate_embedding_file` once per file version (validate_config runs more than once per run); the
+    file's (codes, width)."""
     try:
         st = Path(path).stat()
         key = (str(Path(path).absolute()), st.st_mtime_ns, st.st_size, config.med2vec.codes_path,
-               bool(config.med2vec.allow_pickle), config.model.embed_dim)  # fmt: skip
+               bool(config.med2vec.allow_pickle))  # fmt: skip
     except OSError:
         key = None
     if key is not None and key in _CHECKED_FILES:
-        return
+        return _CHECKED_FILES[key]
     label = "embeddings_from" if config.embeddings_from else f"arm {config.arm!r} code table"
     shape = validate_embedding_file(path, config.med2vec.codes_path or None, bool(config.med2vec.allow_pickle),
-                                    embed_dim=config.model.embed_dim, label=label)  # fmt: skip
+                                    label=label)  # fmt: skip
     if key is not None:
         _CHECKED_FILES[key] = shape
+    return shape
 
 
 def validate_cohort_sizes(config: ml_collections.ConfigDict) -> None:
@@ -236,7 +261,7 @@ def _check_resume(config: ml_collections.ConfigDict, workdir: Path) -> None:
 def _code_table(path: str, data: TaskData, config: ml_collections.ConfigDict) -> tuple[np.ndarray, Any]:
     """An embedding file as the model's code table (rows = vocab ids) and its coverage report; the code map and
     pickle opt-in of `med2vec.codes_path` / `med2vec.allow_pickle` apply."""
-    return load_code_table(path, data.vocab, embed_dim=config.model.embed_dim,
+    return load_code_table(path, data.vocab,
                            codes_path=config.med2vec.codes_path or None, allow_pickle=config.med2vec.allow_pickle,
                            code_counts=vocab_token_counts(data.cohort, data.vocab), seed=config.seed)  # fmt: skip
 
@@ -266,20 +291,20 @@ def build_run_trainer(
         vocab = vocab or run.vocab
     data = build_task_data(config, task, vocab=vocab, cohort=cohort)
     check_evaluable(data)
-    arm = Arm(task, trainable=EVERYTHING) if task in PRETRAIN_TASKS else arm_from_config(config.arm, config.arms)
-    table_path = _table_path(config)
-    code_table = coverage = None
-    trainable = arm.trainable
-    if table_path:  # an imported table stays frozen
-        code_table, coverage = _code_table(table_path, data, config)
-        trainable = tuple(p for p in trainable if p != "code_table")
-    elif arm.code_table in PRETRAIN_TASKS and run is not None and not arm.pretrained_run:
-        code_table = pretrained_table(run)  # the learned table alone (a pre-trained encoder carries its own)
-    pretrained = run.params if (run is not None and arm.pretrained_run) else None
+    coverage = None
+
+    def import_table(path: str) -> np.ndarray:
+        nonlocal coverage
+        table, coverage = _code_table(path, data, config)
+        return table
+
+    runs = {init_task(config): run} if run is not None else {}
+    inputs = resolve_arm(run_arm(config), model_cfg=config.model, lora_cfg=config.lora, runs=runs,
+                         learned_table=pretrained_table, import_table=import_table)  # fmt: skip
     trainer = build_trainer(
-        data, model_cfg=config.model, optim_cfg=config.optim, data_cfg=config.data, trainable=trainable,
+        data, model_cfg=inputs.model_cfg, optim_cfg=config.optim, data_cfg=config.data, trainable=inputs.trainable,
         seeds=seeds or (config.seed,), epochs=config.train.epochs, max_eval_patients=config.train.max_eval_patients,
-        lora_cfg=arm_lora_config(arm, config.lora), pretrained=pretrained, code_table=code_table,
+        lora_cfg=inputs.lora_cfg, pretrained=inputs.pretrained, code_table=inputs.code_table,
         mesh=make_mesh(config.train.num_devices),
     )  # fmt: skip
     return trainer, coverage
@@ -290,6 +315,7 @@ def train(config: ml_collections.ConfigDict, cohort: Cohort | None = None) -> Ru
     config's cohort for the task when the caller already holds it (it is not generated or read again)."""
     start_time = time.perf_counter()
     validate_config(config)
+    config = run_model_config(config)  # an imported table's width is the model's, in config.json too
     workdir = _run_dir(config).absolute()
     # Everything is checked before the folder is made or touched: a failure leaves no folder and an existing
     # run is never replaced (a finished run is continued only with resume).
