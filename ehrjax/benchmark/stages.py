@@ -320,6 +320,7 @@ class Benchmark:
                 records[key] = self._cell_done(key, cell, arm, size)
                 if records[key] is None:
                     raise RuntimeError(f"{key}: no record after every process finished its cells")
+            if self.manifest.done(key) is None:  # another process's, or resumed from its cell.json
                 self.manifest.record(key, records[key])
             runs.extend(records[key]["runs"])
             if records[key].get("tuning"):
