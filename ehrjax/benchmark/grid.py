@@ -48,14 +48,18 @@ def replicate_rows(train: np.ndarray, replicate: int, size: int) -> np.ndarray:
     return np.sort(train[order[:size]])
 
 
+def cell_folder(out: Path, task: str, arm: str, size: int) -> Path:
+    return out / "runs" / task / arm / f"n{size}"
+
+
 def cell_dir(out: Path, task: str, arm: str, size: int, replicate: int) -> Path:
-    return out / "runs" / task / arm / f"n{size}" / f"rep{replicate}"
+    return cell_folder(out, task, arm, size) / f"rep{replicate}"
 
 
 def cell_record_path(out: Path, task: str, arm: str, size: int) -> Path:
     """A finished cell's record (its runs, tuning and parameter counts), written by the process that ran it:
     a resumed grid skips the cell whichever process ran it."""
-    return out / "runs" / task / arm / f"n{size}" / "cell.json"
+    return cell_folder(out, task, arm, size) / "cell.json"
 
 
 def cell_cost(arm: Arm, size: int, replicates: int, max_steps: int) -> float:

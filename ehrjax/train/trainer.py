@@ -159,10 +159,10 @@ class Trainer:
 
     def keys(self) -> jax.Array:
         """Each seed's run key [S] (replicated over the mesh)."""
-        if self.mesh is None:
+        def stacked() -> jax.Array:
             return jnp.stack([run_key(s) for s in self.seeds])
-        replicated = NamedSharding(self.mesh, P())
-        return jax.jit(lambda: jnp.stack([run_key(s) for s in self.seeds]), out_shardings=replicated)()
+
+        return stacked() if self.mesh is None else jax.jit(stacked, out_shardings=NamedSharding(self.mesh, P()))()
 
     def stacked_plan(self, epoch: int) -> SeedPlan:
         """Every member's plan of epoch `epoch`, stacked. Each member keeps its own data order: its batches of

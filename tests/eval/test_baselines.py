@@ -4,9 +4,9 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from eval_targets import assert_same_targets
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -167,13 +167,7 @@ def test_eval_mlm_batches_are_the_batches_the_evaluation_scores():
     plan = batcher.plan_epoch(0, shuffle=False)
     ours = list(eval_mlm_batches(batcher, vocab_size, config.data.mask_prob, config.data.mlm_slot_factor))
     assert len(ours) == plan.num_batches
-    for k, batch in enumerate(ours):  # the targets the trainer's evaluation masks, batch by batch
-        g, j = (int(x) for x in plan.order[k])
-        group = plan.groups[g]
-        theirs = trainer.mlm_targets_step(group.row_len)(trainer.corpus, group.patient_index[j],
-                                                         group.cls_index[j], jnp.int32(k))  # fmt: skip
-        for key in ("masked_codes", "positions", "labels", "weights", "segment_ids"):
-            np.testing.assert_array_equal(batch[key], theirs[key])
+    assert_same_targets(ours, trainer, plan)  # the targets the trainer's evaluation masks, batch by batch
     counts = token_counts(data.corpus, data.splits["train"], vocab_size)
     assert counts.sum() == data.corpus.lengths[data.splits["train"]].sum()
     test = DeviceBatcher.from_config(config.data, data.corpus, seed=0, patients=data.splits["test"])
